@@ -1,0 +1,31 @@
+# Two commands do all set-up: `make test` and `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LINT_PATHS := tfdml tests train.py export benchmarks
+
+.PHONY: test lint format demo clean-venv
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+# pytest exits 5 when no test ran; make treats every non-zero exit as failure.
+test: lint
+	$(PY) -m pytest -n 2 --timeout=900 -q -p no:cacheprovider tests
+
+demo: $(VENV)/.installed
+	$(PY) -m tfdml.demo
+
+clean-venv:
+	rm -rf $(VENV)

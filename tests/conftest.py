@@ -1,0 +1,49 @@
+"""Shared fixtures: seeded batches and edge batches (numpy, float32)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def make_batch(seed=0, classes=4, per_class=4, dim=8):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
+    centers = rng.normal(size=(classes, dim))
+    emb = centers[labels] * 0.7 + rng.normal(size=(len(labels), dim))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb.astype(np.float32), labels
+
+
+def edge_batches():
+    """name -> (embeddings, labels): the edge cases every loss must handle."""
+    rng = np.random.default_rng(7)
+    emb, labels = make_batch(1)
+    dup = emb.copy()
+    dup[1] = dup[0]  # duplicate embeddings (sim = 1), same class
+    dup[5] = dup[4]
+    one_class = (emb, np.zeros_like(labels))
+    singletons = (emb, np.arange(len(labels), dtype=np.int32))
+    mixed = labels.copy()
+    mixed[-3:] = [10, 11, 12]  # some singleton classes
+    e2 = rng.normal(size=(3, 8)).astype(np.float32)
+    return {
+        "seeded": (emb, labels),
+        "duplicates": (dup, labels),
+        "one_class": one_class,
+        "all_singletons": singletons,
+        "some_singletons": (emb, mixed),
+        "tiny": (
+            e2 / np.linalg.norm(e2, axis=1, keepdims=True),
+            np.array([0, 0, 1], np.int32),
+        ),
+    }
+
+
+@pytest.fixture(autouse=True)
+def _clear_session():
+    keras.utils.clear_session()
+    yield

@@ -1,0 +1,3 @@
+"""tfdml: deep metric learning for TensorFlow 2.20 and Keras 3."""
+
+from tfdml.version import __version__  # noqa: F401

@@ -1,0 +1,187 @@
+"""Tensor helpers behind the pair contract.
+
+Every pair-based piece of tfdml works on three dense tensors:
+
+* ``sim``  ``[B, M]`` float32 cosine similarity between B anchors and M
+  references (the batch itself, or batch + memory bank, or batch + synthetic
+  copies),
+* ``pos_mask`` ``[B, M]`` bool: same label, not the same example,
+* ``neg_mask`` ``[B, M]`` bool: different label.
+
+Self-pairs are excluded **by example identity** (``ids`` vs ``ref_ids``), never
+by the diagonal, so a reference set of another size (a memory bank) is handled
+correctly. Shapes are static: no ``boolean_mask`` and no data-dependent index
+lists, so everything runs in eager, ``tf.function`` and XLA alike.
+"""
+
+import tensorflow as tf
+
+# A finite stand-in for -inf: exp() of it is exactly 0 in float32 and it never
+# produces NaN in gradients (0 * inf) the way a real -inf can.
+NEG_INF = -1e9
+
+
+def check_labels_embeddings(labels, embeddings, name="labels"):
+    """Validates ranks and dtypes; returns (int32 labels [B], embeddings).
+
+    Raises ``ValueError`` naming the argument and the value received.
+    """
+    labels = tf.convert_to_tensor(labels)
+    embeddings = tf.convert_to_tensor(embeddings)
+    if embeddings.shape.rank is not None and embeddings.shape.rank != 2:
+        raise ValueError(
+            "`embeddings` must have rank 2 [batch, dim]; received shape "
+            f"{embeddings.shape}."
+        )
+    if not embeddings.dtype.is_floating:
+        raise ValueError(
+            "`embeddings` must be a floating tensor; received dtype "
+            f"{embeddings.dtype.name}."
+        )
+    if labels.shape.rank == 2 and labels.shape[-1] == 1:
+        labels = tf.squeeze(labels, axis=-1)
+    if labels.shape.rank is not None and labels.shape.rank != 1:
+        raise ValueError(
+            f"`{name}` must have rank 1 [batch] (or [batch, 1]); received "
+            f"shape {labels.shape}."
+        )
+    if not (labels.dtype.is_integer or labels.dtype.is_floating):
+        raise ValueError(
+            f"`{name}` must be integer class ids; received dtype "
+            f"{labels.dtype.name}."
+        )
+    if labels.dtype.is_floating:
+        # Keras' Loss.__call__ converts y_true to the loss dtype; class ids
+        # stored in float32 are exact up to 2**24.
+        labels = tf.cast(tf.round(labels), tf.int32)
+    return tf.cast(labels, tf.int32), embeddings
+
+
+def l2_normalize(x, axis=-1):
+    """L2 normalisation computed in float32 (for float16/bfloat16 inputs)."""
+    x = tf.cast(x, tf.float32)
+    return tf.math.l2_normalize(x, axis=axis, epsilon=1e-12)
+
+
+def cosine_similarity(embeddings, ref_embeddings=None, normalize=True):
+    """``[B, M]`` cosine similarity in float32."""
+    a = (
+        l2_normalize(embeddings)
+        if normalize
+        else tf.cast(embeddings, "float32")
+    )
+    if ref_embeddings is None:
+        b = a
+    else:
+        b = (
+            l2_normalize(ref_embeddings)
+            if normalize
+            else tf.cast(ref_embeddings, tf.float32)
+        )
+    return tf.matmul(a, b, transpose_b=True)
+
+
+def pairwise_distance(embeddings, ref_embeddings=None, squared=False):
+    """``[B, M]`` Euclidean distance in float32 (as tfa's pairwise_distance).
+
+    The gradient at zero distance is defined (0), not NaN.
+    """
+    a = tf.cast(embeddings, tf.float32)
+    b = a if ref_embeddings is None else tf.cast(ref_embeddings, tf.float32)
+    sq = (
+        tf.reduce_sum(tf.square(a), axis=1, keepdims=True)
+        - 2.0 * tf.matmul(a, b, transpose_b=True)
+        + tf.reduce_sum(tf.square(b), axis=1)[None, :]
+    )
+    sq = tf.maximum(sq, 0.0)
+    if squared:
+        return sq
+    return safe_sqrt(sq)
+
+
+def safe_sqrt(x):
+    """sqrt with a zero (not infinite) gradient at 0."""
+    positive = x > 0.0
+    safe = tf.where(positive, x, tf.ones_like(x))
+    return tf.where(positive, tf.sqrt(safe), tf.zeros_like(x))
+
+
+def distance_from_similarity(sim):
+    """Euclidean distance between unit vectors: sqrt(2 - 2 S)."""
+    return safe_sqrt(tf.maximum(2.0 - 2.0 * sim, 0.0))
+
+
+def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
+    """Positive and negative masks ``[B, M]``, self-pairs excluded by id.
+
+    Args:
+      labels: ``[B]`` int class ids of the anchors.
+      ref_labels: ``[M]`` int class ids of the references (default: labels).
+      ids: ``[B]`` int example ids of the anchors (default: ``range(B)``).
+      ref_ids: ``[M]`` int example ids of the references (default: ``ids``
+        when the reference set is the batch itself; otherwise ``-1 - range(M)``
+        so that no reference matches an anchor by accident).
+      ref_valid: optional ``[M]`` bool; invalid references (empty memory
+        slots) are in neither mask.
+
+    Returns:
+      ``(pos_mask, neg_mask)``, bool ``[B, M]``.
+    """
+    labels = tf.cast(labels, tf.int32)
+    batch = tf.shape(labels)[0]
+    if ids is None:
+        ids = tf.range(batch, dtype=tf.int32)
+    ids = tf.cast(ids, tf.int32)
+    if ref_labels is None:
+        ref_labels = labels
+        if ref_ids is None:
+            ref_ids = ids
+    ref_labels = tf.cast(ref_labels, tf.int32)
+    if ref_ids is None:
+        ref_ids = -1 - tf.range(tf.shape(ref_labels)[0], dtype=tf.int32)
+    ref_ids = tf.cast(ref_ids, tf.int32)
+    same = tf.equal(labels[:, None], ref_labels[None, :])
+    not_self = tf.not_equal(ids[:, None], ref_ids[None, :])
+    pos = tf.logical_and(same, not_self)
+    neg = tf.logical_not(same)
+    if ref_valid is not None:
+        valid = tf.cast(ref_valid, tf.bool)[None, :]
+        pos = tf.logical_and(pos, valid)
+        neg = tf.logical_and(neg, valid)
+    return pos, neg
+
+
+def masked_logsumexp(x, mask, axis=-1, add_one=False):
+    """log(sum over masked entries of exp(x)), optionally log(1 + sum(...)).
+
+    Rows with no masked entry give ``NEG_INF``-like large negatives for the
+    plain form and exactly 0 for the ``add_one`` form; gradients are finite.
+    """
+    mask = tf.cast(mask, tf.bool)
+    x = tf.where(mask, x, tf.fill(tf.shape(x), NEG_INF))
+    if add_one:
+        zeros = tf.zeros_like(tf.reduce_sum(x, axis=axis, keepdims=True))
+        x = tf.concat([x, zeros], axis=axis)
+    m = tf.stop_gradient(tf.reduce_max(x, axis=axis, keepdims=True))
+    out = tf.math.log(tf.reduce_sum(tf.exp(x - m), axis=axis, keepdims=True))
+    return tf.squeeze(out + m, axis=axis)
+
+
+def masked_max(x, mask, axis=-1):
+    """Max over masked entries; ``NEG_INF`` where the row is empty."""
+    return tf.reduce_max(tf.where(mask, x, tf.fill(tf.shape(x), NEG_INF)), axis)
+
+
+def masked_min(x, mask, axis=-1):
+    """Min over masked entries; ``-NEG_INF`` where the row is empty."""
+    return tf.reduce_min(
+        tf.where(mask, x, tf.fill(tf.shape(x), -NEG_INF)), axis
+    )
+
+
+def masked_mean(x, mask, axis=-1):
+    """Mean over masked entries; 0 where the row is empty."""
+    m = tf.cast(mask, x.dtype)
+    return tf.math.divide_no_nan(
+        tf.reduce_sum(x * m, axis), tf.reduce_sum(m, axis)
+    )

@@ -1,0 +1,33 @@
+"""Pair weightings: (sim, pos_mask, neg_mask) -> float weights (no gradient)."""
+
+from tfdml import registry
+
+
+class Weighting:
+    """Base pair weighting.
+
+    ``__call__(sim, pos_mask, neg_mask, **context)`` returns
+    ``(w_pos, w_neg)``, float32 ``[B, M]`` tensors that are zero outside their
+    mask and carry no gradient (``tf.stop_gradient``). ``context`` carries
+    optional per-example inputs such as ``probs`` / ``ref_probs`` (the
+    true-class probabilities that CAA needs).
+    """
+
+    def __call__(self, sim, pos_mask, neg_mask, **context):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def get(spec):
+    """Builds a weighting from a name, a dict or an instance."""
+    return registry.build(Weighting, spec)
