@@ -77,6 +77,9 @@ class MultiSimilarityLoss(PairLoss):
         (then every positive with ``S < 1 - 1e-5`` and every negative count).
       coefficient: 1 (msight code and MS paper: 1/scale) or 2 (MMSI code:
         2/scale).
+      weights_on_similarity: how ``pair_weights`` (MMSI) enter: False
+        (default) multiplies each pair's ``exp`` term; True is MMSI's
+        W-form, ``S -> w * S`` inside the exponent.
       miner: overrides the MS miner built from ``epsilon``.
       **kwargs: passed to :class:`tfdml.losses.PairLoss`.
 
@@ -92,6 +95,7 @@ class MultiSimilarityLoss(PairLoss):
         base=0.5,
         epsilon=0.1,
         coefficient=1.0,
+        weights_on_similarity=False,
         miner=None,
         name="multi_similarity_loss",
         **kwargs,
@@ -108,6 +112,7 @@ class MultiSimilarityLoss(PairLoss):
         self.beta = check_positive("beta", beta)
         self.base = float(base)
         self.coefficient = check_positive("coefficient", coefficient)
+        self.weights_on_similarity = bool(weights_on_similarity)
 
     def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
         return multi_similarity(
@@ -119,6 +124,7 @@ class MultiSimilarityLoss(PairLoss):
             beta=self.beta,
             base=self.base,
             coefficient=self.coefficient,
+            weights_on_similarity=self.weights_on_similarity,
         )
 
     def get_config(self):
@@ -129,5 +135,6 @@ class MultiSimilarityLoss(PairLoss):
             base=self.base,
             epsilon=self.epsilon,
             coefficient=self.coefficient,
+            weights_on_similarity=self.weights_on_similarity,
         )
         return config

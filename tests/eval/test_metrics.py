@@ -1,0 +1,179 @@
+"""retrieval_metrics vs a NumPy float64 full-sort reference."""
+
+import numpy as np
+import pytest
+
+from tfdml.eval import metrics_from_neighbors
+from tfdml.eval import nmi_ami
+from tfdml.eval import retrieval_metrics
+
+
+def reference(
+    q, ql, r=None, rl=None, ks=(1, 2, 4, 8), exclude_self=None, normalize=True
+):
+    """Full sort in float64; order = (score desc, reference index asc)."""
+    own = r is None
+    if exclude_self is None:
+        exclude_self = own
+    if own:
+        r, rl = q, ql
+    q = np.asarray(q, np.float64)
+    r = np.asarray(r, np.float64)
+    if normalize:
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    per = {f"recall@{k}": [] for k in ks}
+    for key in ("precision@1", "r_precision", "map@r", "map", "mrr"):
+        per[key] = []
+    excluded = 0
+    for i in range(len(q)):
+        s = r @ q[i]
+        cand = [j for j in range(len(r)) if not (exclude_self and j == i)]
+        cand.sort(key=lambda j: (-s[j], j))
+        rel = np.array([rl[j] == ql[i] for j in cand], bool)
+        big_r = rel.sum()
+        if big_r == 0:
+            excluded += 1
+            continue
+        for k in ks:
+            per[f"recall@{k}"].append(rel[:k].any())
+        per["precision@1"].append(rel[0])
+        per["r_precision"].append(rel[:big_r].sum() / big_r)
+        prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+        per["map@r"].append((prec[:big_r] * rel[:big_r]).sum() / big_r)
+        per["map"].append((prec * rel).sum() / big_r)
+        per["mrr"].append(1.0 / (np.argmax(rel) + 1))
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in per.items()}
+    out["num_queries"] = len(q) - excluded
+    out["num_excluded"] = excluded
+    return out
+
+
+def assert_same(got, want):
+    assert set(got) == set(want), (set(got), set(want))
+    for k, v in want.items():
+        if isinstance(v, int):
+            assert got[k] == v, (k, got[k], v)
+        else:
+            np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=1e-12,
+                                       err_msg=k)
+
+
+def clustered(seed, n, classes, dim, noise=1.0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    c = rng.normal(size=(classes, dim))
+    x = c[y] + noise * rng.normal(size=(n, dim))
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("block,ref_block", [(1024, 32768), (7, 13), (1, 5)])
+def test_random_self_retrieval(block, ref_block):
+    x, y = clustered(0, 97, 9, 6, noise=1.5)
+    got = retrieval_metrics(x, y, ks=(1, 3, 5, 50), block_size=block,
+                            ref_block_size=ref_block)
+    assert_same(got, reference(x, y, ks=(1, 3, 5, 50)))
+    assert 0 < got["map"] < 1
+
+
+def test_query_differs_from_reference_and_k_larger_than_class():
+    q, ql = clustered(1, 40, 6, 5)
+    r, rl = clustered(2, 71, 8, 5)  # classes 6, 7 only in refs
+    ql[:3] = 99  # no reference of this label -> excluded
+    ks = (1, 2, 30, 100)
+    got = retrieval_metrics(q, ql, r, rl, ks=ks, block_size=9,
+                            ref_block_size=10)
+    want = reference(q, ql, r, rl, ks=ks)
+    assert want["num_excluded"] == 3
+    assert_same(got, want)
+
+
+def test_ties_and_duplicates_dyadic():
+    # Entries in {-1, 0, 1}: dot products are exact in float32 and float64,
+    # so the tie order (lower reference index first) is fully tested.
+    rng = np.random.default_rng(3)
+    x = rng.integers(-1, 2, size=(60, 3)).astype(np.float32)
+    x[x.sum(1) == 0] = [1, 0, 0]  # no zero vectors
+    x[np.abs(x).sum(1) == 0] = [1, 0, 0]
+    y = rng.integers(0, 4, 60)
+    got = retrieval_metrics(x, y, normalize=False, block_size=8,
+                            ref_block_size=11)
+    want = reference(x, y, normalize=False)
+    assert_same(got, want)
+    # Many exact ties exist, and they change the result if broken otherwise.
+    s = x @ x.T
+    assert (np.sum(s[0] == s[0][:, None]) > 60)
+    r2, l2 = x[::-1].copy(), y[::-1].copy()
+    assert_same(
+        retrieval_metrics(x, y, r2, l2, normalize=False, block_size=5),
+        reference(x, y, r2, l2, normalize=False),
+    )
+    # All-identical embeddings: the ranking is pure index order.
+    same = np.ones((10, 4), np.float32)
+    lab = np.array([0, 1, 0, 1, 1, 0, 2, 2, 0, 1])
+    assert_same(retrieval_metrics(same, lab, block_size=3, ref_block_size=4),
+                reference(same, lab))
+
+
+def test_lone_labels_and_all_excluded():
+    x, _ = clustered(4, 12, 3, 4)
+    lone = np.arange(12)
+    got = retrieval_metrics(x, lone)
+    assert got["num_queries"] == 0 and got["num_excluded"] == 12
+    assert np.isnan(got["map@r"])
+    y = np.array([0, 0, 0, 1, 2, 3, 1, 1, 4, 5, 6, 6])
+    assert_same(retrieval_metrics(x, y, ks=(1, 20)),
+                reference(x, y, ks=(1, 20)))
+
+
+def test_exclude_self_with_reference_set_of_other_labels():
+    q, ql = clustered(5, 30, 4, 5)
+    r = q + 0.01
+    rl = ql.copy()
+    rl[::4] = (rl[::4] + 1) % 4  # reference i may have another label
+    got = retrieval_metrics(q, ql, r, rl, exclude_self=True)
+    want = reference(q, ql, r, rl, exclude_self=True)
+    assert_same(got, want)
+
+
+def test_perfect_and_known_values():
+    y = np.repeat(np.arange(3), 4)
+    x = np.eye(3, dtype=np.float32)[y] + 0.0
+    x += np.arange(12)[:, None] * 1e-3 * np.array([[0.1, 0.2, 0.3]])
+    got = retrieval_metrics(x, y)
+    for key in ("recall@1", "precision@1", "r_precision", "map@r", "map",
+                "mrr"):
+        assert got[key] == pytest.approx(1.0), key
+    # One query whose only relevant item is ranked 3rd.
+    nb = np.array([[1, 1, 0, 1]])
+    m = metrics_from_neighbors(nb, np.array([0]), np.array([1]), ks=(1, 2, 4))
+    assert m["recall@2"] == 0 and m["recall@4"] == 1
+    assert m["mrr"] == pytest.approx(1 / 3)
+    assert m["map"] == pytest.approx(1 / 3)
+
+
+def test_bad_input():
+    x, y = clustered(6, 10, 2, 3)
+    with pytest.raises(ValueError, match="query_embeddings"):
+        retrieval_metrics(x[0], y)
+    with pytest.raises(ValueError, match="query_labels"):
+        retrieval_metrics(x, y[:5])
+    with pytest.raises(ValueError, match="ks"):
+        retrieval_metrics(x, y, ks=(0,))
+    with pytest.raises(ValueError, match="ref_labels"):
+        retrieval_metrics(x, y, ref_embeddings=x)
+    with pytest.raises(ValueError, match="method"):
+        retrieval_metrics(x, y, method="faiss")
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(np.full((3, 2), np.nan), [0, 0, 1])
+
+
+def test_nmi_ami():
+    x, y = clustered(7, 200, 4, 8, noise=0.05)
+    m = nmi_ami(x, y, seed=0)
+    assert m["nmi"] > 0.95 and m["ami"] > 0.95
+    rng = np.random.default_rng(0)
+    m2 = nmi_ami(rng.normal(size=(200, 8)), y, seed=0)
+    assert m2["nmi"] < 0.2
+    with pytest.raises(ValueError, match="n_clusters"):
+        nmi_ami(x, y, n_clusters=0)

@@ -1,0 +1,152 @@
+"""ContrastiveLoss (distance and similarity forms) vs the NumPy reference."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from tests import reference
+from tests.conftest import edge_batches
+from tests.losses import pair_loss_checks as checks
+from tfdml.losses import ContrastiveLoss
+from tfdml.mining import HardestMiner
+
+CASES = {
+    "distance_default": {},
+    "distance_margins_sq": dict(pos_margin=0.2, neg_margin=1.2, power=2.0),
+    "distance_mean": dict(pair_reduction="mean"),
+    "distance_pml": dict(pair_reduction="pml"),
+    "similarity_default": dict(form="similarity"),
+    "similarity_avg_nonzero": dict(
+        form="similarity", pos_margin=0.9, neg_margin=0.3,
+        pair_reduction="avg_nonzero",
+    ),
+}
+RESOLVED = {"distance": (0.0, 1.0, "avg_nonzero"), "similarity": (0.8, 0.5, "sum")}
+
+
+def build(case):
+    kwargs = CASES[case]
+    loss = ContrastiveLoss(**kwargs)
+    pm, nm, red = RESOLVED[kwargs.get("form", "distance")]
+    ref_fn = functools.partial(
+        reference.contrastive,
+        pos_margin=kwargs.get("pos_margin", pm),
+        neg_margin=kwargs.get("neg_margin", nm),
+        form=kwargs.get("form", "distance"),
+        power=kwargs.get("power", 1.0),
+        pair_reduction=kwargs.get("pair_reduction", red),
+    )
+    return loss, ref_fn
+
+
+@pytest.mark.parametrize("batch", list(edge_batches()), ids=str)
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_matches_reference(case, batch):
+    loss, ref_fn = build(case)
+    emb, labels = edge_batches()[batch]
+    checks.check_matches_reference(loss, ref_fn, emb, labels)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_reference_set_of_another_size(case):
+    checks.check_reference_set(*build(case))
+
+
+@pytest.mark.parametrize(
+    "case", ["distance_margins_sq", "similarity_default", "distance_pml"], ids=str
+)
+def test_gradient_matches_finite_differences(case):
+    checks.check_gradient_vs_finite_differences(*build(case))
+
+
+@pytest.mark.parametrize("case", ["distance_default", "similarity_default"], ids=str)
+def test_no_valid_pairs_is_zero_with_finite_grad(case):
+    checks.check_no_pairs_zero_finite_grad(build(case)[0])
+
+
+@pytest.mark.parametrize("case", ["distance_default", "similarity_default"], ids=str)
+def test_graph_and_xla_match_eager(case):
+    checks.check_xla_matches_eager(build(case)[0])
+
+
+def test_model_fit_smoke():
+    checks.check_model_fit_smoke(ContrastiveLoss())
+
+
+def test_float16_close_to_float32():
+    checks.check_float16_close(ContrastiveLoss(form="similarity"))
+
+
+def test_sample_weight_scales_per_anchor():
+    checks.check_sample_weight(ContrastiveLoss())
+
+
+def test_bad_inputs_raise():
+    checks.check_bad_inputs(ContrastiveLoss())
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(pos_margin=-0.1), "pos_margin"),
+        (dict(neg_margin=-1.0), "neg_margin"),
+        (dict(form="similarity", neg_margin=-0.5), "neg_margin"),
+        (dict(form="similarity", pos_margin=1.5), "pos_margin"),
+        (dict(form="angle"), "form"),
+        (dict(pair_reduction="median"), "pair_reduction"),
+        (dict(power=0.0), "power"),
+    ],
+    ids=["neg_pos_margin", "neg_neg_margin", "sim_neg_margin", "sim_big",
+         "form", "reduction", "power"],
+)
+def test_bad_hyperparameters_raise(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        ContrastiveLoss(**kwargs)
+
+
+def test_similarity_form_is_iaa_code_value():
+    # IAA code: (1/n) Σ_i [Σ_{pos, S<0.8} (0.8 - S) + Σ_{neg, S>0.5} (S - 0.5)].
+    emb, labels = edge_batches()["seeded"]
+    sim = reference.cosine(emb)
+    n = len(labels)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            if labels[i] == labels[j] and sim[i, j] < 0.8:
+                total += 0.8 - sim[i, j]
+            if labels[i] != labels[j] and sim[i, j] > 0.5:
+                total += sim[i, j] - 0.5
+    got = float(ContrastiveLoss(form="similarity")(labels, emb))
+    np.testing.assert_allclose(got, total / n, rtol=1e-5)
+
+
+def test_pml_reduction_equals_batch_avg_nonzero():
+    emb, labels = edge_batches()["seeded"]
+    d = reference.unit_distance(emb)
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    pos = np.maximum(d[same & off], 0.0)
+    neg = np.maximum(1.0 - d[~same], 0.0)
+    want = pos[pos > 0].mean() + neg[neg > 0].mean()
+    got = float(ContrastiveLoss(pair_reduction="pml")(labels, emb))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_miner_narrows_pairs():
+    emb, labels = edge_batches()["seeded"]
+    loss = ContrastiveLoss(form="similarity", miner=HardestMiner())
+    sim = reference.cosine(emb)
+    lists = reference.pos_neg_lists(labels)
+    pos_set, neg_set = reference.mine_hardest(sim, lists)
+    want = np.zeros(len(labels))
+    for i, j in pos_set:
+        want[i] += max(0.0, 0.8 - sim[i, j])
+    for i, k in neg_set:
+        want[i] += max(0.0, sim[i, k] - 0.5)
+    got = ContrastiveLoss.from_config(
+        {**loss.get_config(), "reduction": None}
+    )(labels, emb).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

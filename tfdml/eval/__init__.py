@@ -1,0 +1,9 @@
+"""Retrieval evaluation: exact metrics, indexes, a Keras callback, plots."""
+
+from tfdml.eval.callbacks import RetrievalEvaluationCallback  # noqa: F401
+from tfdml.eval.index import BruteForceIndex  # noqa: F401
+from tfdml.eval.index import ScaNNIndex  # noqa: F401
+from tfdml.eval.metrics import metrics_from_neighbors  # noqa: F401
+from tfdml.eval.metrics import metrics_from_ranks  # noqa: F401
+from tfdml.eval.metrics import nmi_ami  # noqa: F401
+from tfdml.eval.metrics import retrieval_metrics  # noqa: F401

@@ -1,0 +1,134 @@
+"""Keras callback: retrieval metrics on held-out classes every N epochs."""
+
+import numpy as np
+import tensorflow as tf
+from keras import callbacks
+
+from tfdml.eval.metrics import retrieval_metrics
+
+
+def _embeddings_of(out):
+    if isinstance(out, dict):
+        if "embeddings" not in out:
+            raise ValueError(
+                "The model output dict has no 'embeddings' key; received "
+                f"keys {sorted(out)}."
+            )
+        out = out["embeddings"]
+    return np.asarray(out, dtype=np.float32)
+
+
+class RetrievalEvaluationCallback(callbacks.Callback):
+    """Evaluates retrieval on validation classes and writes it into ``logs``.
+
+    The metrics of :func:`tfdml.eval.retrieval_metrics` (queries are their
+    own references) are added to ``logs`` as ``prefix + name`` (e.g.
+    ``val_map@r``) at the end of every ``every_n_epochs``-th epoch and of the
+    last epoch, so callbacks placed *after* this one (``CSVLogger``,
+    ``EarlyStopping``/``ModelCheckpoint(monitor="val_map@r")``,
+    ``TensorBoard``) see them. With ``every_n_epochs > 1`` the first epochs
+    carry no ``val_*`` keys (``CSVLogger`` fixes its columns at the first
+    epoch, so use ``every_n_epochs=1`` with it).
+
+    Args:
+      dataset_or_arrays: ``(images, labels)`` arrays, an ``images`` array
+        with ``labels`` given, or a ``tf.data.Dataset`` of ``(images,
+        labels)`` batches.
+      labels: ``[N]`` int labels when the first argument is an array.
+      encoder: model whose output dict holds ``"embeddings"`` (default: the
+        model being trained).
+      every_n_epochs: evaluation period.
+      prefix: key prefix in ``logs``.
+      ks: the K of ``recall@K``.
+      batch_size: embedding batch size for arrays.
+      log_dir: if given, also writes ``tf.summary`` scalars there.
+      metric_options: extra keyword arguments of ``retrieval_metrics``.
+    """
+
+    def __init__(
+        self,
+        dataset_or_arrays,
+        labels=None,
+        encoder=None,
+        every_n_epochs=1,
+        prefix="val_",
+        ks=(1, 2, 4, 8),
+        batch_size=128,
+        log_dir=None,
+        metric_options=None,
+    ):
+        super().__init__()
+        if int(every_n_epochs) < 1:
+            raise ValueError(
+                f"`every_n_epochs` must be >= 1; received {every_n_epochs}."
+            )
+        if isinstance(dataset_or_arrays, tf.data.Dataset):
+            self._ds = dataset_or_arrays
+            self._x = self._y = None
+        else:
+            if isinstance(dataset_or_arrays, (tuple, list)):
+                if labels is not None or len(dataset_or_arrays) != 2:
+                    raise ValueError(
+                        "Pass `(images, labels)` or `images, labels`; "
+                        f"received a sequence of {len(dataset_or_arrays)}."
+                    )
+                x, labels = dataset_or_arrays
+            else:
+                x = dataset_or_arrays
+            if labels is None:
+                raise ValueError("`labels` is required with an image array.")
+            self._ds = None
+            self._x = np.asarray(x)
+            self._y = np.asarray(labels).reshape(-1)
+            if len(self._x) != len(self._y):
+                raise ValueError(
+                    f"`labels` must have {len(self._x)} entries; received "
+                    f"{len(self._y)}."
+                )
+        self.encoder = encoder
+        self.every_n_epochs = int(every_n_epochs)
+        self.prefix = prefix
+        self.ks = tuple(ks)
+        self.batch_size = int(batch_size)
+        self.log_dir = log_dir
+        self.metric_options = dict(metric_options or {})
+        self._writer = None
+        self.history = []
+
+    def _net(self):
+        return self.encoder if self.encoder is not None else self.model
+
+    def embed(self):
+        net = self._net()
+        embs, labels = [], []
+        if self._ds is not None:
+            for x, y in self._ds:
+                embs.append(_embeddings_of(net(x, training=False)))
+                labels.append(np.asarray(y).reshape(-1))
+        else:
+            for i in range(0, len(self._x), self.batch_size):
+                xb = self._x[i : i + self.batch_size]
+                embs.append(_embeddings_of(net(xb, training=False)))
+            labels = [self._y]
+        return np.concatenate(embs), np.concatenate(labels).astype(np.int64)
+
+    def evaluate(self):
+        emb, y = self.embed()
+        return retrieval_metrics(emb, y, ks=self.ks, **self.metric_options)
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every_n_epochs and not last:
+            return
+        metrics = self.evaluate()
+        named = {self.prefix + k: v for k, v in metrics.items()}
+        self.history.append((epoch, named))
+        if logs is not None:
+            logs.update(named)
+        if self.log_dir:
+            if self._writer is None:
+                self._writer = tf.summary.create_file_writer(self.log_dir)
+            with self._writer.as_default():
+                for k, v in named.items():
+                    tf.summary.scalar(k, float(v), step=epoch)
+            self._writer.flush()

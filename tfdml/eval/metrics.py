@@ -1,0 +1,466 @@
+"""Exact retrieval metrics for deep metric learning, computed in blocks.
+
+Definitions (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
+
+* every query ranks the references by similarity (dot product of the
+  L2-normalised embeddings, i.e. cosine, unless ``normalize=False``);
+* the *relevant* references of a query are those with its label, itself
+  excluded (by index, never by score) when queries are their own references;
+  ``R`` is their number;
+* ``recall@K``: 1 if any of the top K references is relevant (the DML
+  "recall", i.e. hit rate), averaged over queries;
+* ``precision@1``: the top reference is relevant (equals ``recall@1``);
+* ``r_precision``: relevant references among the top R, divided by R;
+* ``map@r``: ``1/R * sum_{i<=R} P(i) * rel(i)`` over the top R positions;
+* ``map``: mean average precision over *all* R relevant references;
+* ``mrr``: mean of ``1 / rank`` of the first relevant reference.
+
+Queries with ``R = 0`` (their label has no other reference) are excluded from
+every mean and counted in ``num_excluded``.
+
+Ties: the ranking is ``(score descending, reference index ascending)``, the
+order ``tf.math.top_k`` uses. Two scores tie only when their float32 values
+are bit-identical.
+
+Algorithm (exact, no ``N x N`` matrix): for a block of queries the scores of
+the relevant references are gathered (the members of the query's class) and
+sorted; then the reference set is streamed in chunks and every *negative*
+reference is placed by ``tf.searchsorted`` among the sorted relevant scores;
+a per-row ``bincount`` of these positions, accumulated over chunks, gives the
+exact rank of every relevant reference. Memory is
+``O(query_block * (ref_block + R_max * d))`` plus the inputs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+_DEFAULT_KS = (1, 2, 4, 8)
+
+
+def _as_float_matrix(x, name):
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"`{name}` must have rank 2 [num, dim]; received shape {x.shape}."
+        )
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"`{name}` must be floating point; received dtype {x.dtype}."
+        )
+    x = x.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+    return x
+
+
+def _as_labels(y, n, name):
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(
+            f"`{name}` must have shape [{n}]; received shape {y.shape}."
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"`{name}` must be integer class ids; received dtype {y.dtype}."
+        )
+    return y.astype(np.int64)
+
+
+def _check_ks(ks):
+    ks = tuple(int(k) for k in ks)
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"`ks` must be positive integers; received {ks}.")
+    return tuple(sorted(set(ks)))
+
+
+def _normalize(x):
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(n, 1e-12)).astype(np.float32)
+
+
+def _prepare(
+    query_embeddings,
+    query_labels,
+    ref_embeddings,
+    ref_labels,
+    exclude_self,
+    normalize,
+):
+    q = _as_float_matrix(query_embeddings, "query_embeddings")
+    ql = _as_labels(query_labels, len(q), "query_labels")
+    own = ref_embeddings is None
+    if own != (ref_labels is None):
+        raise ValueError(
+            "`ref_embeddings` and `ref_labels` must be given together; "
+            f"received ref_embeddings={'None' if own else 'array'}, "
+            f"ref_labels={'None' if ref_labels is None else 'array'}."
+        )
+    if own:
+        r, rl = q, ql
+    else:
+        r = _as_float_matrix(ref_embeddings, "ref_embeddings")
+        rl = _as_labels(ref_labels, len(r), "ref_labels")
+        if r.shape[1] != q.shape[1]:
+            raise ValueError(
+                "`ref_embeddings` must have the query dimension "
+                f"{q.shape[1]}; received {r.shape[1]}."
+            )
+    if exclude_self is None:
+        exclude_self = own
+    if exclude_self and len(r) != len(q):
+        raise ValueError(
+            "`exclude_self=True` pairs query i with reference i and needs "
+            f"as many references as queries; received {len(q)} queries and "
+            f"{len(r)} references."
+        )
+    if normalize:
+        q = _normalize(q)
+        r = q if own else _normalize(r)
+    return q, ql, r, rl, bool(exclude_self)
+
+
+def _class_tables(ql, rl, exclude_self):
+    """Reference indices grouped by label, and each query's R."""
+    order = np.lexsort((np.arange(len(rl)), rl))  # by label, then index
+    classes, starts, counts = np.unique(
+        rl[order], return_index=True, return_counts=True
+    )
+    pos = np.searchsorted(classes, ql)
+    pos_c = np.minimum(pos, max(len(classes) - 1, 0))
+    found = (len(classes) > 0) & (classes[pos_c] == ql)
+    start = np.where(found, starts[pos_c], 0)
+    count = np.where(found, counts[pos_c], 0)
+    self_rel = exclude_self & (rl[: len(ql)] == ql) if exclude_self else 0
+    r = np.maximum(count - self_rel, 0)
+    r_max = int(counts.max()) if len(counts) else 1
+    return order.astype(np.int64), start, count, r, max(r_max, 1)
+
+
+@tf.function(reduce_retracing=True)
+def _relevant_scores(q, ql, qidx, refs, order, start, count, r_max):
+    """Sorted scores and indices of each query's relevant references."""
+    offs = tf.range(r_max, dtype=tf.int64)
+    slot = start[:, None] + offs[None, :]
+    valid = offs[None, :] < count[:, None]
+    slot = tf.where(valid, slot, 0)
+    members = tf.gather(order, slot)  # [B, r_max] ascending index per class
+    valid &= members != qidx[:, None]
+    vecs = tf.gather(refs, members)  # [B, r_max, d]
+    scores = tf.einsum("bd,brd->br", q, vecs)
+    masked = tf.where(valid, scores, -np.inf)
+    # Stable: equal scores keep the lower reference index first.
+    top, pos = tf.math.top_k(masked, k=tf.shape(masked)[1])
+    idx = tf.gather(members, pos, batch_dims=1)
+    ok = tf.gather(valid, pos, batch_dims=1)
+    neg_sorted = tf.where(ok, -top, np.inf)  # ascending
+    idx = tf.where(ok, idx, tf.cast(-1, tf.int64))
+    return neg_sorted, idx
+
+
+@tf.function(reduce_retracing=True)
+def _count_chunk(q, ql, qidx, neg_sorted, rel_idx, refs_c, rl_c, offset):
+    """For each query and i, negatives of this chunk ranked before item i."""
+    r_max = tf.shape(neg_sorted)[1]
+    s = tf.matmul(q, refs_c, transpose_b=True)  # [B, C]
+    cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
+    neg = (ql[:, None] != rl_c[None, :]) & (cols[None, :] != qidx[:, None])
+    key = -s
+    lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
+    hi = tf.searchsorted(neg_sorted, key, side="right", out_type=tf.int32)
+    tie = tf.where((hi > lo) & neg)
+    # Exact ties between a negative j and relevant items: those with a lower
+    # reference index come first.
+    lo_t = tf.gather_nd(lo, tie)
+    hi_t = tf.gather_nd(hi, tie)
+    col = tie[:, 1] + offset
+    p_rows = tf.gather(rel_idx, tie[:, 0])
+    ar = tf.range(r_max)[None, :]
+    before = (ar >= lo_t[:, None]) & (ar < hi_t[:, None])
+    before &= p_rows < col[:, None]
+    corr = tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
+    bucket = tf.tensor_scatter_nd_add(lo, tie, corr)
+    bucket = tf.where(neg, bucket, r_max + 1)
+    return tf.math.bincount(
+        bucket, minlength=r_max + 1, maxlength=r_max + 1, axis=-1
+    )
+
+
+def _ranks_exact(q, ql, r, rl, exclude_self, block_size, ref_block):
+    """[Nq, r_max] 1-based ranks of the relevant items (0 = no item)."""
+    order, start, count, big_r, r_max = _class_tables(ql, rl, exclude_self)
+    refs = tf.constant(r)
+    order_t = tf.constant(order)
+    rl_t = tf.constant(rl)
+    n, nr = len(q), len(r)
+    # Keep the gathered [B, r_max, d] block bounded (~256 MB).
+    budget = max(1, (1 << 26) // max(1, r_max * q.shape[1]))
+    bq = max(1, min(block_size, budget))
+    ranks = np.zeros((n, r_max), np.int64)
+    for b0 in range(0, n, bq):
+        b1 = min(n, b0 + bq)
+        qb = tf.constant(q[b0:b1])
+        qlb = tf.constant(ql[b0:b1])
+        qidx = (
+            tf.range(b0, b1, dtype=tf.int64)
+            if exclude_self
+            else tf.fill([b1 - b0], tf.constant(-1, tf.int64))
+        )
+        neg_sorted, rel_idx = _relevant_scores(
+            qb,
+            qlb,
+            qidx,
+            refs,
+            order_t,
+            tf.constant(start[b0:b1]),
+            tf.constant(count[b0:b1]),
+            tf.constant(r_max),
+        )
+        counts = None
+        for c0 in range(0, nr, ref_block):
+            c1 = min(nr, c0 + ref_block)
+            c = _count_chunk(
+                qb,
+                qlb,
+                qidx,
+                neg_sorted,
+                rel_idx,
+                refs[c0:c1],
+                rl_t[c0:c1],
+                tf.constant(c0, tf.int64),
+            )
+            counts = c if counts is None else counts + c
+        before = np.cumsum(counts.numpy()[:, :r_max], axis=1)
+        rb = np.arange(1, r_max + 1)[None, :] + before
+        valid = np.arange(r_max)[None, :] < big_r[b0:b1, None]
+        ranks[b0:b1] = np.where(valid, rb, 0)
+    return ranks, big_r
+
+
+def metrics_from_ranks(ranks, num_relevant, ks=_DEFAULT_KS):
+    """Metrics from the sorted 1-based ranks of every relevant reference.
+
+    Args:
+      ranks: ``[Nq, R_max]`` int, row q holds the ranks of its relevant
+        references in increasing order, padded with 0.
+      num_relevant: ``[Nq]`` int ``R`` per query; 0 excludes the query.
+      ks: the K of ``recall@K``.
+
+    Returns:
+      the metrics dict described in the module docstring.
+    """
+    ks = _check_ks(ks)
+    ranks = np.asarray(ranks, np.float64)
+    big_r = np.asarray(num_relevant, np.int64)
+    keep = big_r > 0
+    out = {}
+    ranks, big_r = ranks[keep], big_r[keep].astype(np.float64)
+    n = len(big_r)
+
+    def mean(v):
+        return float(np.mean(v)) if n else float("nan")
+
+    i = np.arange(1, ranks.shape[1] + 1)[None, :]
+    valid = i <= big_r[:, None]
+    first = ranks[:, 0] if ranks.shape[1] else np.zeros(0)
+    for k in ks:
+        out[f"recall@{k}"] = mean(first <= k)
+    out["precision@1"] = mean(first == 1)
+    safe = np.where(valid, ranks, 1.0)
+    prec = np.where(valid, i / safe, 0.0)
+    in_r = valid & (ranks <= big_r[:, None])
+    out["r_precision"] = mean(in_r.sum(1) / big_r)
+    out["map@r"] = mean(np.where(in_r, prec, 0.0).sum(1) / big_r)
+    out["map"] = mean(prec.sum(1) / big_r)
+    out["mrr"] = mean(1.0 / np.maximum(first, 1.0))
+    out["num_queries"] = int(n)
+    out["num_excluded"] = int((~keep).sum())
+    return out
+
+
+def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
+    """Metrics from top-k neighbour label lists (self already removed).
+
+    Used by the approximate mode: ``map`` and ``mrr`` only see the top k
+    (a relevant item beyond k contributes 0), so they are lower bounds.
+    """
+    ks = _check_ks(ks)
+    nl = np.asarray(neighbor_labels)
+    rel = nl == np.asarray(query_labels)[:, None]
+    big_r = np.asarray(num_relevant)
+    keep = big_r > 0
+    rel, big_r = rel[keep], big_r[keep].astype(np.float64)
+    n = len(big_r)
+
+    def mean(v):
+        return float(np.mean(v)) if n else float("nan")
+
+    out = {}
+    for k in ks:
+        out[f"recall@{k}"] = mean(rel[:, :k].any(1))
+    out["precision@1"] = mean(rel[:, 0]) if rel.shape[1] else float("nan")
+    pos = np.arange(1, rel.shape[1] + 1)[None, :]
+    within_r = pos <= big_r[:, None]
+    cum = np.cumsum(rel, axis=1)
+    p_at = cum / pos
+    out["r_precision"] = mean((rel & within_r).sum(1) / big_r)
+    out["map@r"] = mean(np.where(rel & within_r, p_at, 0).sum(1) / big_r)
+    out["map"] = mean(np.where(rel, p_at, 0).sum(1) / big_r)
+    first = np.where(rel.any(1), rel.argmax(1) + 1, np.inf)
+    out["mrr"] = mean(1.0 / first)
+    out["num_queries"] = int(n)
+    out["num_excluded"] = int((~keep).sum())
+    return out
+
+
+def _scann_metrics(q, ql, r, rl, exclude_self, ks, sample, seed, scann_kw):
+    from tfdml.eval.index import BruteForceIndex
+    from tfdml.eval.index import ScaNNIndex
+
+    _, _, _, big_r, r_max = _class_tables(ql, rl, exclude_self)
+    k = min(max(max(ks), r_max), len(r) - (1 if exclude_self else 0))
+    ids = np.arange(len(r)).astype(str)
+    extra = 1 if exclude_self else 0
+    index = ScaNNIndex(r, ids, **(scann_kw or {}))
+
+    def search(idx, qq):
+        got, _ = idx.search(qq, k + extra)
+        return got.astype(np.int64)
+
+    nb = search(index, q)
+
+    def drop_self(nb, rows):
+        if not exclude_self:
+            return nb[:, :k]
+        keep = nb != rows[:, None]
+        # keep the first k entries that are not the query itself
+        out = np.zeros((len(nb), k), np.int64)
+        for i in range(len(nb)):
+            out[i] = nb[i][keep[i]][:k]
+        return out
+
+    rows = np.arange(len(q))
+    nb = drop_self(nb, rows)
+    out = metrics_from_neighbors(rl[nb], ql, big_r, ks)
+    rng = np.random.default_rng(seed)
+    m = min(sample, len(q))
+    pick = np.sort(rng.choice(len(q), m, replace=False))
+    exact = drop_self(search(BruteForceIndex(r, ids), q[pick]), pick)
+    kk = min(10, k)
+    hits = [
+        len(set(nb[p, :kk]) & set(exact[j, :kk]))
+        for j, p in enumerate(pick)
+    ]
+    out[f"index_recall@{kk}"] = float(np.sum(hits) / (m * kk)) if m else 1.0
+    out["index_recall_sample"] = int(m)
+    return out
+
+
+def retrieval_metrics(
+    query_embeddings,
+    query_labels,
+    ref_embeddings=None,
+    ref_labels=None,
+    ks=_DEFAULT_KS,
+    exclude_self=None,
+    block_size=1024,
+    ref_block_size=32768,
+    normalize=True,
+    method="exact",
+    scann_sample=1000,
+    seed=0,
+    scann_options=None,
+    recall_at=None,
+):
+    """Retrieval metrics of a query set against a reference set.
+
+    See the module docstring for the definitions (Musgrave et al. 2020) and
+    the tie rule.
+
+    Args:
+      query_embeddings: ``[Nq, d]`` float.
+      query_labels: ``[Nq]`` int class ids.
+      ref_embeddings: ``[Nr, d]`` float, or None: the queries are their own
+        references.
+      ref_labels: ``[Nr]`` int; given together with ``ref_embeddings``.
+      ks: the K of ``recall@K``.
+      exclude_self: drop reference i for query i (default: True exactly when
+        no reference set is given).
+      block_size: queries per block.
+      ref_block_size: references per streamed chunk.
+      normalize: L2-normalise both sets (cosine similarity).
+      method: ``"exact"`` or ``"scann"`` (approximate neighbour lists from
+        ScaNN; ``map``/``mrr`` only see the top k and the dict adds
+        ``index_recall@10`` against exact search on ``scann_sample``
+        queries).
+      scann_sample: queries checked against exact search in ScaNN mode.
+      seed: sampling seed for the ScaNN check.
+      scann_options: keyword arguments for :class:`ScaNNIndex`.
+      recall_at: alias of ``ks`` (the config key ``eval.recall_at``).
+
+    Returns:
+      dict with ``recall@K`` for each K, ``precision@1``, ``r_precision``,
+      ``map@r``, ``map``, ``mrr`` (floats, NaN when no query is usable),
+      ``num_queries`` and ``num_excluded``.
+    """
+    if recall_at is not None:
+        ks = recall_at
+    ks = _check_ks(ks)
+    if int(block_size) < 1:
+        raise ValueError(f"`block_size` must be >= 1; received {block_size}.")
+    if int(ref_block_size) < 1:
+        raise ValueError(
+            f"`ref_block_size` must be >= 1; received {ref_block_size}."
+        )
+    q, ql, r, rl, ex = _prepare(
+        query_embeddings,
+        query_labels,
+        ref_embeddings,
+        ref_labels,
+        exclude_self,
+        normalize,
+    )
+    if method == "exact":
+        if len(q) == 0:
+            return metrics_from_ranks(np.zeros((0, 1)), np.zeros(0), ks)
+        ranks, big_r = _ranks_exact(
+            q, ql, r, rl, ex, int(block_size), int(ref_block_size)
+        )
+        return metrics_from_ranks(ranks, big_r, ks)
+    if method == "scann":
+        return _scann_metrics(
+            q, ql, r, rl, ex, ks, int(scann_sample), seed, scann_options
+        )
+    raise ValueError(
+        f"`method` must be 'exact' or 'scann'; received {method!r}."
+    )
+
+
+def nmi_ami(embeddings, labels, n_clusters=None, seed=0, normalize=True):
+    """NMI and AMI of k-means clusters against the labels.
+
+    Uses scikit-learn's ``KMeans`` (k = number of classes by default) and
+    ``normalized_mutual_info_score`` / ``adjusted_mutual_info_score``.
+
+    Returns:
+      ``{"nmi": float, "ami": float}``.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_mutual_info_score
+    from sklearn.metrics import normalized_mutual_info_score
+
+    x = _as_float_matrix(embeddings, "embeddings")
+    y = _as_labels(labels, len(x), "labels")
+    if normalize:
+        x = _normalize(x)
+    k = len(np.unique(y)) if n_clusters is None else int(n_clusters)
+    if k < 1 or k > len(x):
+        raise ValueError(
+            f"`n_clusters` must be in [1, {len(x)}]; received {k}."
+        )
+    pred = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(x)
+    return {
+        "nmi": float(normalized_mutual_info_score(y, pred)),
+        "ami": float(adjusted_mutual_info_score(y, pred)),
+    }

@@ -1,0 +1,411 @@
+"""SavedModel export for TF-Serving: embedding and retrieval endpoints.
+
+:func:`export_saved_model` writes a TF-Serving model base path
+``OUT_DIR/<name>/<version>/`` with one SavedModel (``keras.export.
+ExportArchive``) whose gallery (embeddings + string ids) is stored inside.
+
+Signatures (input names in brackets; ``K`` = the export's default k):
+
+==========================  ==============================================
+``serving_default``         ``images`` float32 [B, H, W, C] in [0, 1]
+                            -> ``embeddings`` [B, d]
+``embed_bytes``             ``image_bytes`` string [B] (JPEG/PNG) ->
+                            ``embeddings`` (decode, C channels, bilinear
+                            resize to H x W, / 255)
+``search``                  ``embeddings`` [B, d], ``k`` int32 scalar ->
+                            ``ids`` string [B, k], ``scores`` float32
+``search_default``          ``embeddings`` -> top ``K``
+``embed_and_search``        ``images``, ``k`` -> ``ids``, ``scores``
+``embed_and_search_default``  ``images`` -> top ``K``
+==========================  ==============================================
+
+Inputs are declared with unknown shape so that every check runs in the graph
+and a bad request gets an ``InvalidArgument`` error whose message names the
+input: wrong rank, wrong image size or channels, wrong embedding size,
+undecodable bytes (not JPEG/PNG), ``k`` not a scalar or outside
+``[1, max_k]``. Wrong dtypes are rejected by the signature itself.
+
+Index variants:
+
+* ``"brute_force"``: exact ``matmul`` + ``top_k`` over the gallery; only
+  stock TensorFlow ops, so the stock ``tensorflow/serving`` image loads it.
+* ``"scann"``: ScaNN's TF ops (``Scann>*``, written with
+  ``namespace_whitelist=["Scann"]``); loading needs ``import scann`` first
+  in Python, or a ScaNN-linked model server. The searcher is rebuilt from
+  the saved tensors on the first call: send a warm-up request.
+
+Scores are dot products of L2-normalised embeddings (cosine); ties are
+broken by the lower gallery index (brute force).
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+INDEX_CHOICES = ("brute_force", "scann", "both")
+_ALIASES = {"bruteforce": "brute_force", "brute-force": "brute_force"}
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+
+
+def _encoder_geometry(encoder):
+    shape = encoder.inputs[0].shape
+    if len(shape) != 4 or None in tuple(shape[1:]):
+        raise ValueError(
+            "The encoder input must be [None, H, W, C] with static H, W, C; "
+            f"received {tuple(shape)}."
+        )
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _embeddings_of(out):
+    if isinstance(out, dict):
+        return out["embeddings"]
+    return out
+
+
+def embed_images(encoder, images, batch_size=128):
+    """Embeds float32 images [N, H, W, C] in [0, 1] in batches."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        e = _embeddings_of(encoder(images[i : i + batch_size], training=False))
+        out.append(np.asarray(e, np.float32))
+    if not out:
+        raise ValueError("The gallery is empty; received 0 images.")
+    return np.concatenate(out)
+
+
+def images_to_float(x, height, width, channels):
+    """uint8 [N, H, W] / [N, H, W, C] -> float32 [N, height, width, C]."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(
+            f"Gallery images must be [N, H, W] or [N, H, W, C]; received "
+            f"shape {x.shape}."
+        )
+    if x.shape[-1] != channels:
+        if x.shape[-1] == 1 and channels == 3:
+            x = np.repeat(x, 3, axis=-1)
+        elif x.shape[-1] == 3 and channels == 1:
+            x = np.round(
+                x.astype(np.float32) @ np.array([0.2989, 0.587, 0.114])
+            )[..., None]
+        else:
+            raise ValueError(
+                f"Gallery images have {x.shape[-1]} channels; the model "
+                f"needs {channels}."
+            )
+    integer = np.issubdtype(x.dtype, np.integer)
+    x = x.astype(np.float32)
+    if integer:  # uint8 0..255 -> [0, 1]
+        x = x / 255.0
+    if x.shape[1:3] != (height, width):
+        x = tf.image.resize(x, [height, width]).numpy()
+    return x.astype(np.float32)
+
+
+class _Gallery(tf.Module):
+    """Gallery embeddings and ids, tracked by the archive."""
+
+    def __init__(self, embeddings, ids):
+        super().__init__()
+        self.embeddings = tf.Variable(embeddings, trainable=False)
+        self.ids = tf.Variable(ids, trainable=False, dtype=tf.string)
+
+
+class _ScannHolder(tf.Module):
+    def __init__(self, state):
+        super().__init__()
+        self.state = state
+
+
+def _after(checks, x):
+    """``x`` once every check has run (data ops are not auto-ordered)."""
+    with tf.control_dependencies(checks):
+        return tf.identity(x)
+
+
+def _shape_is(x, expected):
+    """Rank and dims as one boolean, safe for any rank of ``x``."""
+    s = tf.shape(x)
+    same_rank = tf.size(s) == len(expected)
+    padded = tf.concat([s, tf.zeros([len(expected)], tf.int32)], 0)
+    head = padded[: len(expected)]
+    ok = [
+        tf.equal(head[i], e) for i, e in enumerate(expected) if e is not None
+    ]
+    return tf.logical_and(same_rank, tf.reduce_all(tf.stack(ok)))
+
+
+def _check_images(images, h, w, c):
+    rank = tf.debugging.assert_rank(
+        images,
+        4,
+        message=f"images: expected rank 4 [batch, {h}, {w}, {c}]",
+    )
+    with tf.control_dependencies([rank]):
+        size = tf.debugging.Assert(
+            _shape_is(images, [None, h, w, c]),
+            [f"images: expected shape [batch, {h}, {w}, {c}]; got",
+             tf.shape(images)],
+        )
+    images = _after([rank, size], images)
+    return tf.ensure_shape(images, [None, h, w, c])
+
+
+def _check_embeddings(emb, d):
+    ok = tf.debugging.Assert(
+        _shape_is(emb, [None, d]),
+        [f"embeddings: expected shape [batch, {d}]; got", tf.shape(emb)],
+    )
+    return tf.ensure_shape(_after([ok], emb), [None, d])
+
+
+def _check_k(k, max_k):
+    scalar = tf.debugging.Assert(
+        tf.equal(tf.rank(k), 0),
+        ["k: expected an int32 scalar; got shape", tf.shape(k)],
+    )
+    with tf.control_dependencies([scalar]):
+        kk = tf.reshape(k, [-1])[0]
+        rng = tf.debugging.Assert(
+            (kk >= 1) & (kk <= max_k),
+            [f"k: must be in [1, {max_k}] (gallery / index limit); got", kk],
+        )
+    return _after([scalar, rng], tf.reshape(kk, []))
+
+
+def _decoder(h, w, c):
+    def decode(b):
+        img = tf.io.decode_image(b, channels=c, expand_animations=False)
+        img = tf.image.resize(tf.cast(img, tf.float32), [h, w]) / 255.0
+        return tf.ensure_shape(img, [h, w, c])
+
+    def embed_input(image_bytes):
+        rank = tf.debugging.Assert(
+            tf.equal(tf.rank(image_bytes), 1),
+            ["image_bytes: expected rank 1 [batch] of encoded images; got "
+             "shape", tf.shape(image_bytes)],
+        )
+        with tf.control_dependencies([rank]):
+            flat = tf.reshape(image_bytes, [-1])
+            png = tf.strings.substr(flat, 0, len(_PNG)) == _PNG
+            jpg = tf.strings.substr(flat, 0, len(_JPEG)) == _JPEG
+            fmt = tf.debugging.Assert(
+                tf.reduce_all(png | jpg),
+                ["image_bytes: every element must be a JPEG or PNG image; "
+                 "bad positions", tf.where(~(png | jpg))[:, 0]],
+            )
+        image_bytes = _after([rank, fmt], flat)
+        return tf.map_fn(
+            decode,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([h, w, c], tf.float32),
+        )
+
+    return embed_input
+
+
+def build_archive(
+    encoder,
+    gallery_embeddings,
+    gallery_ids,
+    index="brute_force",
+    k=10,
+    scann_options=None,
+):
+    """(ExportArchive, SaveOptions) for one index variant."""
+    import keras
+
+    h, w, c = _encoder_geometry(encoder)
+    emb = np.asarray(gallery_embeddings, np.float32)
+    n, d = emb.shape
+    k_default = int(k)
+    if not 1 <= k_default <= n:
+        raise ValueError(f"`k` must be in [1, {n}]; received {k}.")
+    gallery = _Gallery(emb, np.asarray(gallery_ids).astype(str).astype(bytes))
+    archive = keras.export.ExportArchive()
+    archive.track(encoder)
+    archive.track(gallery)
+
+    if index == "brute_force":
+        max_k = n
+
+        def raw_search(q, kk):
+            s = tf.matmul(q, gallery.embeddings, transpose_b=True)
+            scores, idx = tf.math.top_k(s, k=kk)
+            return idx, scores
+
+        options = tf.saved_model.SaveOptions()
+    elif index == "scann":
+        from tfdml.eval.index import import_scann_ops
+        from tfdml.eval.index import scann_builder
+
+        scann_ops = import_scann_ops()
+        opts = dict(scann_options or {})
+        builder = scann_builder(emb, k_default, **opts)
+        searcher = builder.build()
+        holder = _ScannHolder(searcher.serialize_to_module())
+        archive.track(holder)
+        # Tree + reordering keeps the best `reorder` candidates only.
+        tree = n >= opts.get("brute_force_below", 20000)
+        max_k = min(n, opts.get("reorder") or max(100, 10 * k_default))
+        max_k = max_k if tree else n
+
+        def raw_search(q, kk):
+            s = scann_ops.searcher_from_module(holder.state)
+            idx, scores = s.search_batched(q, final_num_neighbors=kk)
+            idx = tf.ensure_shape(idx, [None, None])
+            scores = tf.ensure_shape(scores, [None, None])
+            tf.debugging.assert_equal(
+                tf.shape(idx)[1],
+                kk,
+                message="k: the ScaNN index returned fewer neighbours",
+            )
+            return idx, scores
+
+        options = tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+    else:
+        raise ValueError(
+            f"`index` must be 'brute_force' or 'scann'; received {index!r}."
+        )
+
+    def search(q, kk):
+        q = _check_embeddings(q, d)
+        kk = _check_k(kk, max_k)
+        idx, scores = raw_search(q, kk)
+        return {
+            "ids": tf.gather(gallery.ids, idx),
+            "scores": scores,
+        }
+
+    def search_fixed(q):
+        out = search(q, tf.constant(k_default, tf.int32))
+        return {
+            "ids": tf.ensure_shape(out["ids"], [None, k_default]),
+            "scores": tf.ensure_shape(out["scores"], [None, k_default]),
+        }
+
+    def embed(images):
+        images = _check_images(images, h, w, c)
+        e = _embeddings_of(encoder(images, training=False))
+        return tf.ensure_shape(tf.cast(e, tf.float32), [None, d])
+
+    decode = _decoder(h, w, c)
+
+    def serving_default(images):
+        return {"embeddings": embed(images)}
+
+    def embed_bytes(image_bytes):
+        return {"embeddings": embed(decode(image_bytes))}
+
+    def embed_and_search(images, kk):
+        return search(embed(images), kk)
+
+    def embed_and_search_default(images):
+        return search_fixed(embed(images))
+
+    img_spec = tf.TensorSpec(None, tf.float32, name="images")
+    emb_spec = tf.TensorSpec(None, tf.float32, name="embeddings")
+    k_spec = tf.TensorSpec(None, tf.int32, name="k")
+    archive.add_endpoint("serving_default", serving_default, [img_spec])
+    archive.add_endpoint(
+        "embed_bytes",
+        embed_bytes,
+        [tf.TensorSpec(None, tf.string, name="image_bytes")],
+    )
+    archive.add_endpoint("search", search, [emb_spec, k_spec])
+    archive.add_endpoint("search_default", search_fixed, [emb_spec])
+    archive.add_endpoint(
+        "embed_and_search", embed_and_search, [img_spec, k_spec]
+    )
+    archive.add_endpoint(
+        "embed_and_search_default", embed_and_search_default, [img_spec]
+    )
+    return archive, options
+
+
+def default_ids(n, labels=None):
+    """``"<index>"`` or, with labels, ``"<index>/<label>"``."""
+    if labels is None:
+        return np.array([str(i) for i in range(n)])
+    labels = np.asarray(labels).reshape(-1)
+    return np.array([f"{i}/{labels[i]}" for i in range(n)])
+
+
+def export_saved_model(
+    encoder,
+    out_dir,
+    database=None,
+    database_labels=None,
+    database_ids=None,
+    gallery_images=None,
+    index="brute_force",
+    name="tfdml",
+    version=1,
+    k=10,
+    batch_size=128,
+    scann_options=None,
+):
+    """Writes ``out_dir/<name>/<version>/`` (and ``<name>_scann`` for both).
+
+    Args:
+      encoder: functional Keras model, float32 images [None, H, W, C] in
+        [0, 1] -> dict with ``"embeddings"``.
+      out_dir: TF-Serving model base folder.
+      database: ``[N, d]`` gallery embeddings (already embedded with
+        ``encoder``), or None to embed ``gallery_images``.
+      database_labels: optional ``[N]`` labels, used for the default ids.
+      database_ids: optional ``[N]`` string ids.
+      gallery_images: ``[N, H, W, C]`` float32 in [0, 1] (if no database).
+      index: ``"brute_force"``, ``"scann"`` or ``"both"``.
+      name: model name (``<name>_scann`` for the ScaNN variant of "both").
+      version: integer version folder.
+      k: default k of the ``*_default`` signatures.
+      batch_size: embedding batch size.
+      scann_options: keyword arguments of ``tfdml.eval.index.scann_builder``.
+
+    Returns:
+      ``{variant: path}`` of the written SavedModels.
+    """
+    index = _ALIASES.get(index, index)
+    if index not in INDEX_CHOICES:
+        raise ValueError(
+            f"`index` must be one of {INDEX_CHOICES}; received {index!r}."
+        )
+    if int(version) < 1:
+        raise ValueError(f"`version` must be >= 1; received {version}.")
+    if database is None:
+        if gallery_images is None:
+            raise ValueError("Give `database` or `gallery_images`.")
+        database = embed_images(encoder, gallery_images, batch_size)
+    database = np.asarray(database, np.float32)
+    if database.ndim != 2 or len(database) == 0:
+        raise ValueError(
+            f"`database` must be a non-empty [N, d] array; received shape "
+            f"{database.shape}."
+        )
+    ids = database_ids
+    if ids is None:
+        ids = default_ids(len(database), database_labels)
+    ids = np.asarray(ids).astype(str)
+    if ids.shape != (len(database),):
+        raise ValueError(
+            f"`database_ids` must have shape [{len(database)}]; received "
+            f"{ids.shape}."
+        )
+    variants = ["brute_force", "scann"] if index == "both" else [index]
+    written = {}
+    for v in variants:
+        model_name = name + ("_scann" if index == "both" and v == "scann"
+                             else "")
+        path = os.path.join(out_dir, model_name, str(int(version)))
+        archive, options = build_archive(
+            encoder, database, ids, v, k, scann_options
+        )
+        archive.write_out(path, options=options, verbose=False)
+        written[v] = path
+    return written

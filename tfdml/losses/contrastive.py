@@ -1,0 +1,201 @@
+"""Contrastive loss (Hadsell, Chopra and LeCun, "Dimensionality Reduction by
+Learning an Invariant Mapping", CVPR 2006), in PML's margin form and in the
+IAA code's similarity form.
+
+Distance form (default; PML ``ContrastiveLoss``): with ``d`` the Euclidean
+distance of L2-normalised embeddings (``d = sqrt(2 - 2 S)``)::
+
+  pos pair loss = max(0, d_ij - pos_margin) ** power      (pos_margin = 0)
+  neg pair loss = max(0, neg_margin - d_ik) ** power      (neg_margin = 1)
+
+Similarity form (``form="similarity"``; IAA code ``losses.py``, the MMSI
+contrastive with a positive margin)::
+
+  pos pair loss = max(0, pos_margin - S_ij) ** power      (pos_margin = 0.8)
+  neg pair loss = max(0, S_ik - neg_margin) ** power      (neg_margin = 0.5)
+
+``power=2`` with ``pos_margin=0`` gives Hadsell et al.'s squared form.
+
+How pair losses become an anchor's loss (``pair_reduction``; positives and
+negatives are reduced separately and added, as PML does):
+
+* ``"avg_nonzero"`` (distance-form default): mean over the anchor's pairs with
+  a non-zero loss (PML's ``AvgNonZeroReducer`` applied per anchor);
+* ``"sum"`` (similarity-form default): the sum over the anchor's pairs (the
+  IAA code: ``(1/n) Σ_i [Σ_pos ... + Σ_neg ...]``);
+* ``"mean"``: mean over all the anchor's pairs;
+* ``"pml"``: PML's batch-level ``AvgNonZeroReducer`` exactly: each anchor
+  gets ``B * (its pair-loss sum) / (non-zero pairs in the whole batch)``, so
+  the mean over anchors equals PML's number.
+"""
+
+import tensorflow as tf
+
+from tfdml import ops
+from tfdml import registry
+from tfdml.losses.base import PairLoss
+from tfdml.losses.base import apply_pair_weights
+from tfdml.losses.base import check_choice
+from tfdml.losses.base import check_non_negative
+from tfdml.losses.base import check_positive
+
+PAIR_REDUCTIONS = ("avg_nonzero", "sum", "mean", "pml")
+_DEFAULTS = {
+    "distance": (0.0, 1.0, "avg_nonzero"),
+    "similarity": (0.8, 0.5, "sum"),
+}
+
+
+def reduce_pairs(values, mask, mode):
+    """Reduces ``[B, ...]`` pair (or triplet) losses to ``[B]``.
+
+    ``mode`` is one of :data:`PAIR_REDUCTIONS` (see the module docstring).
+    Entries outside ``mask`` never count.
+    """
+    mask = tf.cast(mask, tf.bool)
+    values = tf.where(mask, values, tf.zeros_like(values))
+    axes = list(range(1, values.shape.rank))
+    total = tf.reduce_sum(values, axis=axes)
+    if mode == "sum":
+        return total
+    if mode == "mean":
+        count = tf.reduce_sum(tf.cast(mask, values.dtype), axis=axes)
+        return tf.math.divide_no_nan(total, count)
+    active = tf.stop_gradient(
+        tf.cast(tf.logical_and(mask, values > 0), values.dtype)
+    )
+    if mode == "avg_nonzero":
+        return tf.math.divide_no_nan(total, tf.reduce_sum(active, axis=axes))
+    if mode == "pml":
+        batch = tf.cast(tf.shape(values)[0], values.dtype)
+        return tf.math.divide_no_nan(total * batch, tf.reduce_sum(active))
+    raise ValueError(
+        f"`pair_reduction` must be one of {PAIR_REDUCTIONS}; received "
+        f"pair_reduction={mode!r}."
+    )
+
+
+def contrastive(
+    sim,
+    pos_mask,
+    neg_mask,
+    pair_weights=None,
+    *,
+    pos_margin,
+    neg_margin,
+    form="distance",
+    power=1.0,
+    pair_reduction="avg_nonzero",
+):
+    """Per-anchor contrastive loss ``[B]`` from the pair contract.
+
+    ``pair_weights`` multiply each pair's loss (weights on the loss term).
+    """
+    sim = tf.cast(sim, tf.float32)
+    if form == "distance":
+        dist = ops.distance_from_similarity(sim)
+        pos = tf.nn.relu(dist - pos_margin)
+        neg = tf.nn.relu(neg_margin - dist)
+    else:
+        pos = tf.nn.relu(pos_margin - sim)
+        neg = tf.nn.relu(sim - neg_margin)
+    if power != 1.0:
+        pos = tf.pow(pos, power)
+        neg = tf.pow(neg, power)
+    pos = apply_pair_weights(pos, pair_weights)
+    neg = apply_pair_weights(neg, pair_weights)
+    return reduce_pairs(pos, pos_mask, pair_reduction) + reduce_pairs(
+        neg, neg_mask, pair_reduction
+    )
+
+
+@registry.register
+class ContrastiveLoss(PairLoss):
+    """Contrastive loss on distances (PML) or similarities (IAA / MMSI code).
+
+    Args:
+      pos_margin: distance form: positives contribute above this distance
+        (default 0); similarity form: below this similarity (default 0.8).
+      neg_margin: distance form: negatives contribute below this distance
+        (default 1); similarity form: above this similarity (default 0.5).
+      form: ``"distance"`` (Euclidean distance of L2-normalised embeddings,
+        PML's default) or ``"similarity"`` (cosine, the IAA code form).
+      power: each pair loss is raised to this power (PML ``power``; 2 gives
+        Hadsell et al.'s squared loss). Default 1.
+      pair_reduction: ``"avg_nonzero"`` | ``"sum"`` | ``"mean"`` | ``"pml"``
+        (see the module docstring); default ``"avg_nonzero"`` in distance
+        form and ``"sum"`` in similarity form.
+      **kwargs: passed to :class:`tfdml.losses.PairLoss`.
+
+    Example::
+
+      model.compile(optimizer="adam", loss=tfdml.losses.ContrastiveLoss())
+
+    Reference: Hadsell et al., CVPR 2006; PML ``ContrastiveLoss``.
+    """
+
+    def __init__(
+        self,
+        pos_margin=None,
+        neg_margin=None,
+        form="distance",
+        power=1.0,
+        pair_reduction=None,
+        name="contrastive_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.form = check_choice("form", form, _DEFAULTS)
+        pos_default, neg_default, red_default = _DEFAULTS[form]
+        if pos_margin is None:
+            pos_margin = pos_default
+        if neg_margin is None:
+            neg_margin = neg_default
+        if form == "distance":
+            self.pos_margin = check_non_negative("pos_margin", pos_margin)
+            self.neg_margin = check_non_negative("neg_margin", neg_margin)
+        else:
+            self.pos_margin = _check_similarity("pos_margin", pos_margin)
+            self.neg_margin = _check_similarity("neg_margin", neg_margin)
+        self.power = check_positive("power", power)
+        self.pair_reduction = check_choice(
+            "pair_reduction",
+            red_default if pair_reduction is None else pair_reduction,
+            PAIR_REDUCTIONS,
+        )
+
+    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+        return contrastive(
+            sim,
+            pos_mask,
+            neg_mask,
+            pair_weights,
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            form=self.form,
+            power=self.power,
+            pair_reduction=self.pair_reduction,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            pos_margin=self.pos_margin,
+            neg_margin=self.neg_margin,
+            form=self.form,
+            power=self.power,
+            pair_reduction=self.pair_reduction,
+        )
+        return config
+
+
+def _check_similarity(name, value):
+    # A cosine margin lives in [-1, 1]; a negative margin is still rejected,
+    # as for every tfdml margin.
+    value = check_non_negative(name, value)
+    if value > 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1] in similarity form; received "
+            f"{name}={value!r}."
+        )
+    return value

@@ -1,0 +1,164 @@
+"""Triplet margin loss (Weinberger and Saul, JMLR 2009; Schroff et al.,
+"FaceNet", CVPR 2015, arXiv 1503.03832, Eq. 1; Hermans et al., arXiv
+1703.07737, Eq. 5 for batch-hard), in PML's ``TripletMarginLoss`` form.
+
+For a triplet (a, p, n): ``l = max(0, d_ap - d_an + margin)`` with ``d`` the
+Euclidean distance of L2-normalised embeddings (``sqrt(2 - 2 S)``, PML's
+default) or the cosine distance ``1 - S``. Which triplets (``mining``):
+
+* ``"all"``: every (positive, negative) of the anchor. Builds a ``[B, M, M]``
+  tensor: 4 bytes x B x M x M (64 MiB for B = M = 2048), so prefer the other
+  two for large reference sets.
+* ``"semi-hard"``: per (anchor, positive), the closest negative that is
+  farther than the positive (FaceNet Eq. 3 reading: ``d_an > d_ap``); a pair
+  without such a negative forms no triplet. Found with a sort and
+  ``tf.searchsorted``: ``O(B M log M)`` time, ``O(B M)`` memory.
+* ``"hard"``: batch-hard: the farthest positive and the closest negative of
+  each anchor (one triplet per anchor).
+
+Anchor loss: the reduction of its triplet losses by ``pair_reduction``
+(default ``"avg_nonzero"``, PML's ``AvgNonZeroReducer`` per anchor; ``"pml"``
+is PML's batch-level reducer, see :mod:`tfdml.losses.contrastive`). An anchor
+without triplets contributes 0. ``pair_weights`` weight a triplet by
+``w_ap * w_an``.
+"""
+
+import tensorflow as tf
+
+from tfdml import ops
+from tfdml import registry
+from tfdml.losses.base import PairLoss
+from tfdml.losses.base import check_choice
+from tfdml.losses.base import check_non_negative
+from tfdml.losses.contrastive import PAIR_REDUCTIONS
+from tfdml.losses.contrastive import reduce_pairs
+from tfdml.mining.semi_hard import smallest_greater
+
+MININGS = ("all", "semi-hard", "hard")
+DISTANCES = ("euclidean", "cosine")
+
+
+def similarity_to_distance(sim, distance):
+    sim = tf.cast(sim, tf.float32)
+    if distance == "euclidean":
+        return ops.distance_from_similarity(sim)
+    return 1.0 - sim
+
+
+def triplet_margin(
+    sim,
+    pos_mask,
+    neg_mask,
+    pair_weights=None,
+    *,
+    margin,
+    mining="all",
+    distance="euclidean",
+    pair_reduction="avg_nonzero",
+):
+    """Per-anchor triplet margin loss ``[B]`` from the pair contract."""
+    pos_mask = tf.cast(pos_mask, tf.bool)
+    neg_mask = tf.cast(neg_mask, tf.bool)
+    dist = similarity_to_distance(sim, distance)
+    w = None if pair_weights is None else tf.cast(pair_weights, tf.float32)
+    if mining == "all":
+        loss = tf.nn.relu(dist[:, :, None] - dist[:, None, :] + margin)
+        mask = tf.logical_and(pos_mask[:, :, None], neg_mask[:, None, :])
+        if w is not None:
+            loss = loss * w[:, :, None] * w[:, None, :]
+        return reduce_pairs(loss, mask, pair_reduction)
+    if mining == "semi-hard":
+        d_an, exists = smallest_greater(dist, neg_mask, dist)
+        loss = tf.nn.relu(dist - d_an + margin)
+        if w is not None:
+            w_an = _weight_of(dist, neg_mask, d_an, w)
+            loss = loss * w * w_an
+        return reduce_pairs(loss, tf.logical_and(pos_mask, exists), pair_reduction)
+    # Batch-hard.
+    d_ap = ops.masked_max(dist, pos_mask)
+    d_an = ops.masked_min(dist, neg_mask)
+    loss = tf.nn.relu(d_ap - d_an + margin)
+    if w is not None:
+        loss = loss * _hard_weight(dist, pos_mask, d_ap, w)
+        loss = loss * _hard_weight(dist, neg_mask, d_an, w)
+    valid = tf.logical_and(
+        tf.reduce_any(pos_mask, axis=1), tf.reduce_any(neg_mask, axis=1)
+    )
+    return reduce_pairs(loss[:, None], valid[:, None], pair_reduction)
+
+
+def _weight_of(dist, mask, chosen, w):
+    # Weight of the chosen negative of each (anchor, positive): the weight of
+    # the first negative whose distance equals the chosen one.
+    eq = tf.logical_and(mask[:, None, :], dist[:, None, :] == chosen[:, :, None])
+    first = tf.argmax(tf.cast(eq, tf.int32), axis=2, output_type=tf.int32)
+    return tf.stop_gradient(tf.gather(w, first, axis=1, batch_dims=1))
+
+
+def _hard_weight(dist, mask, chosen, w):
+    eq = tf.logical_and(mask, dist == chosen[:, None])
+    m = tf.shape(dist)[1]
+    index = tf.range(m)[None, :]
+    first = tf.reduce_min(tf.where(eq, index, tf.fill(tf.shape(eq), m)), axis=1)
+    return tf.gather(w, tf.minimum(first, m - 1), axis=1, batch_dims=1)
+
+
+@registry.register
+class TripletMarginLoss(PairLoss):
+    """Triplet margin loss with all, semi-hard or batch-hard triplets.
+
+    Args:
+      margin: the margin (PML default 0.05), >= 0.
+      mining: ``"all"`` (default, PML's ``triplets_per_anchor="all"``),
+        ``"semi-hard"`` or ``"hard"`` (see the module docstring).
+      distance: ``"euclidean"`` (of L2-normalised embeddings, default) or
+        ``"cosine"`` (``1 - S``).
+      pair_reduction: ``"avg_nonzero"`` (default) | ``"sum"`` | ``"mean"`` |
+        ``"pml"``: how an anchor's triplet losses are reduced.
+      **kwargs: passed to :class:`tfdml.losses.PairLoss`.
+
+    Example::
+
+      loss = tfdml.losses.TripletMarginLoss(margin=0.2, mining="semi-hard")
+
+    Reference: Schroff et al., CVPR 2015; Hermans et al., arXiv 1703.07737.
+    """
+
+    def __init__(
+        self,
+        margin=0.05,
+        mining="all",
+        distance="euclidean",
+        pair_reduction="avg_nonzero",
+        name="triplet_margin_loss",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        self.margin = check_non_negative("margin", margin)
+        self.mining = check_choice("mining", mining, MININGS)
+        self.distance = check_choice("distance", distance, DISTANCES)
+        self.pair_reduction = check_choice(
+            "pair_reduction", pair_reduction, PAIR_REDUCTIONS
+        )
+
+    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+        return triplet_margin(
+            sim,
+            pos_mask,
+            neg_mask,
+            pair_weights,
+            margin=self.margin,
+            mining=self.mining,
+            distance=self.distance,
+            pair_reduction=self.pair_reduction,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            margin=self.margin,
+            mining=self.mining,
+            distance=self.distance,
+            pair_reduction=self.pair_reduction,
+        )
+        return config

@@ -1,0 +1,615 @@
+"""MMSI: meta-mined pair weights with semi-global information.
+
+Jiang et al., "Meta-Mining Strategy with Semi-global Information for Deep
+Metric Learning", IEEE TNNLS 2024 (official PyTorch code: ``trainer_MMSI.py``;
+tfdml spec: seeds.md §1).
+
+Per step, with a training batch ``(x, y)`` (P x K) and a validation batch
+``(x_val, y_val)`` (a K = 1 resample of the *training* classes):
+
+1. embed the training batch, append the features to the
+   :class:`tfdml.memory.ClassDictionary` (per-class FIFO, ``d_size``);
+2. warm-up gate: no parameter update until the dictionary holds
+   ``min_classes_before_update`` classes (official: 98 CUB/Cars, 1000 SOP);
+3. S-form selection masks on the batch (computed once, reused below);
+4. meta weights ``w = Norm(relu(-dL_g/dw))`` where ``L_g`` is the G-form loss
+   of the validation anchors against the dictionary after a virtual SGD
+   step ``theta' = theta - lr dL_W/dtheta`` taken at ``w = 0``;
+5. the real step: the W-form loss with ``w`` (held constant) and the
+   optimizer.
+
+Two ways to compute step 4 (``path``):
+
+* ``"nested"`` (the reference): literal nested ``GradientTape`` s with
+  ``keras.Model.stateless_call`` (stack.md §2);
+* ``"fast"`` (default): at ``w = 0`` the W-form gradient is exactly zero, so
+  ``theta' = theta`` and ``-dL_g/dw_k = lr <grad L_g(theta), grad g_k>``
+  with ``g_k = dL_W/dw_k = a_k S_k + const`` (seeds.md §1.4). So one tape
+  gives ``v = grad L_g(theta)``, one ``tf.autodiff.ForwardAccumulator`` pass
+  over the batch gives ``dS = JVP_v(S)`` and ``raw = lr a * dS``. The same
+  forward pass is recorded by the tape of the real step. Both paths agree
+  to float32 precision; since ``Norm`` is scale-invariant the virtual ``lr``
+  has no effect on the weights.
+
+``Norm`` (official): ``w = relu(raw) / max relu(raw)`` over all selected
+pairs (``normalization="joint"``). With the official MS coefficients the
+negatives then get ~1e-8 weight (c-/c+ ~ e^{-20}); ``"separate"`` normalises
+positive and negative pairs by their own maxima. When no raw weight is
+positive the official code divides by zero (NaN); here ``fallback`` decides:
+``"skip"`` (default: no parameter update this step), ``"uniform"`` (weight 1
+on every selected pair) or ``"zeros"`` (zero weights, the step still runs).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfdml import ops
+from tfdml import registry
+from tfdml.memory.class_dictionary import ClassDictionary
+from tfdml.meta.forms import MMSIPairLoss
+from tfdml.meta.forms import get_base
+from tfdml.models.dml_model import DMLModel
+from tfdml.models.dml_model import scale_loss_for_distribution
+
+NORMALIZATIONS = ("joint", "separate")
+FALLBACKS = ("skip", "uniform", "zeros")
+PATHS = ("fast", "nested")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {list(choices)}; received "
+            f"{name}={value!r}."
+        )
+    return value
+
+
+def normalize_weights(raw, sel, normalization="joint", fallback="skip"):
+    """MMSI's ``Norm``: ``relu`` then division by the maximum.
+
+    Args:
+      raw: ``[B, M]`` raw weights ``-dL_g/dw``.
+      sel: the S-form selection (``pos`` / ``neg`` masks ``[B, M]``).
+      normalization: ``"joint"`` (official: one maximum over all selected
+        pairs) or ``"separate"`` (positives and negatives each by their own
+        maximum).
+      fallback: what to do when no selected raw weight is positive:
+        ``"skip"`` / ``"zeros"`` return zeros (``"skip"`` also reports the
+        step as not to be applied), ``"uniform"`` returns 1 on every selected
+        pair.
+
+    Returns:
+      ``(w [B, M] in [0, 1], apply)``: ``apply`` is a scalar bool, False only
+      for ``fallback="skip"`` when no weight is positive. Never NaN.
+    """
+    _choice("normalization", normalization, NORMALIZATIONS)
+    _choice("fallback", fallback, FALLBACKS)
+    pos = tf.cast(sel["pos"], raw.dtype)
+    neg = tf.cast(sel["neg"], raw.dtype)
+    r = tf.nn.relu(raw) * (pos + neg)
+    r = tf.where(tf.math.is_finite(r), r, tf.zeros_like(r))
+    if normalization == "joint":
+        m = tf.reduce_max(r)
+        w = tf.math.divide_no_nan(r, m)
+        defined = m > 0.0
+    else:
+        mp = tf.reduce_max(r * pos)
+        mn = tf.reduce_max(r * neg)
+        w = tf.math.divide_no_nan(r * pos, mp) + tf.math.divide_no_nan(
+            r * neg, mn
+        )
+        defined = tf.logical_or(mp > 0.0, mn > 0.0)
+    if fallback == "uniform":
+        w = tf.where(defined, w, pos + neg)
+        return w, tf.constant(True)
+    if fallback == "zeros":
+        return w, tf.constant(True)
+    return w, defined
+
+
+def _similarity(base, e):
+    return base.similarity(e, e)
+
+
+def similarity_jvp(base, e, e_dot):
+    """``(S, dS)`` of the batch similarity ``S = n(e) n(e)^T`` and its JVP
+    along the embedding tangent ``e_dot`` (``n`` = L2 normalisation when
+    ``base.normalize``)."""
+    e = tf.cast(e, tf.float32)
+    e_dot = tf.cast(e_dot, tf.float32)
+    if base.normalize:
+        norm = tf.maximum(tf.norm(e, axis=1, keepdims=True), 1e-12)
+        n = e / norm
+        n_dot = (e_dot - n * tf.reduce_sum(n * e_dot, 1, keepdims=True)) / norm
+    else:
+        n, n_dot = e, e_dot
+    s = tf.matmul(n, n, transpose_b=True)
+    ds = tf.matmul(n_dot, n, transpose_b=True) + tf.matmul(
+        n, n_dot, transpose_b=True
+    )
+    return s, ds
+
+
+def meta_loss(base, emb_val, y_val, ref, ref_labels, ref_valid):
+    """G-form: mean over validation anchors against the dictionary."""
+    per = base.per_anchor(
+        emb_val, y_val, ref, ref_labels, ref_valid=ref_valid
+    )
+    return tf.reduce_mean(per)
+
+
+def _embed(encoder, tv, ntv, x):
+    out, new_ntv = encoder.stateless_call(tv, ntv, x, training=True)
+    if not isinstance(out, dict) or "embeddings" not in out:
+        raise ValueError(
+            "The encoder must return a dict with 'embeddings'; received "
+            f"{type(out).__name__}."
+        )
+    return out, new_ntv
+
+
+def _zeros_for_none(grads, values):
+    return [
+        tf.zeros_like(v) if g is None else g for g, v in zip(grads, values)
+    ]
+
+
+def nested_raw_weights(
+    encoder,
+    base,
+    trainable,
+    non_trainable,
+    x,
+    y,
+    x_val,
+    y_val,
+    ref,
+    ref_labels,
+    ref_valid,
+    virtual_lr=1e-5,
+    ids=None,
+):
+    """Reference path: the literal virtual step with nested tapes.
+
+    Single replica only. Returns ``(raw [B, B], sel, L_g)``.
+    """
+    tv = list(trainable)
+    ntv = list(non_trainable)
+    labels = tf.reshape(tf.cast(y, tf.int32), [-1])
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            inner.watch(tv)
+            out, _ = _embed(encoder, tv, ntv, x)
+            e = tf.cast(out["embeddings"], tf.float32)
+            sim = _similarity(base, e)
+            pos, neg = ops.pair_masks(labels, labels, ids, ids)
+            sel = base.select(sim, pos, neg)
+            eps = tf.zeros_like(sim)
+            outer.watch(eps)
+            inner.watch(eps)
+            l_f = tf.reduce_mean(base.weighted(sim, sel, eps))
+        g = inner.gradient(
+            l_f, tv, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        g = _zeros_for_none(g, tv)
+        tv_p = [v - virtual_lr * gi for v, gi in zip(tv, g)]
+        out_v, _ = _embed(encoder, tv_p, ntv, x_val)
+        l_g = meta_loss(
+            base, out_v["embeddings"], y_val, ref, ref_labels, ref_valid
+        )
+    g_eps = outer.gradient(
+        l_g, eps, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    return -g_eps, sel, l_g
+
+
+def meta_direction(encoder, base, tv, ntv, x_val, y_val, ref, ref_lab, valid):
+    """``v = grad_theta L_g(theta)`` (all-reduced over replicas) and L_g."""
+    with tf.GradientTape() as tape:
+        tape.watch(tv)
+        out_v, _ = _embed(encoder, tv, ntv, x_val)
+        emb_v = DMLModel._gather(tf.cast(out_v["embeddings"], tf.float32))
+        y_v = DMLModel._gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
+        l_g = meta_loss(base, emb_v, y_v, ref, ref_lab, valid)
+        scaled = scale_loss_for_distribution(l_g)
+    v = tape.gradient(
+        scaled, tv, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    )
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        v = ctx.all_reduce(tf.distribute.ReduceOp.SUM, v)
+    return list(v), l_g
+
+
+def fast_raw_weights(
+    encoder,
+    base,
+    trainable,
+    non_trainable,
+    x,
+    y,
+    x_val,
+    y_val,
+    ref,
+    ref_labels,
+    ref_valid,
+    virtual_lr=1e-5,
+    ids=None,
+):
+    """Closed form (seeds.md §1.4): ``raw = lr * a * JVP_v(S)``.
+
+    Single-call convenience for tests; :class:`MMSIModel` inlines the same
+    computation so that the real step reuses the forward pass. Returns
+    ``(raw [B, B], sel, L_g)``.
+    """
+    tv = list(trainable)
+    ntv = list(non_trainable)
+    v, l_g = meta_direction(
+        encoder, base, tv, ntv, x_val, y_val, ref, ref_labels, ref_valid
+    )
+    with tf.autodiff.ForwardAccumulator(tv, v) as acc:
+        out, _ = _embed(encoder, tv, ntv, x)
+        e = tf.cast(out["embeddings"], tf.float32)
+    e_dot = acc.jvp(e, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    labels = tf.reshape(tf.cast(y, tf.int32), [-1])
+    sim, ds = similarity_jvp(base, e, e_dot)
+    pos, neg = ops.pair_masks(labels, labels, ids, ids)
+    sel = base.select(sim, pos, neg)
+    raw = virtual_lr * base.coefficients(sim, sel) * ds
+    return raw, sel, l_g
+
+
+@registry.register
+class MMSIModel(DMLModel):
+    """:class:`tfdml.models.DMLModel` with MMSI's meta-weighted train step.
+
+    Args:
+      encoder: the embedding model (dict output with ``"embeddings"``).
+      memory, augmenter: must be None (MMSI uses its own class dictionary);
+        kept for the DMLModel constructor contract.
+      base_loss: an :class:`tfdml.meta.forms.MMSIPairLoss`, or
+        ``"contrastive"`` / ``"ms"`` / ``"triplet"``, or a registry spec.
+      num_classes: number of training classes (labels in ``[0, C)``); needed
+        unless ``dictionary`` is given.
+      d_size: per-class dictionary capacity.
+      dictionary: an existing :class:`tfdml.memory.ClassDictionary`.
+      min_classes_before_update: warm-up gate (official 98 / 1000).
+      virtual_lr: learning rate of the virtual step (no effect on the
+        weights, see the module docstring; official: the real lr).
+      path: ``"fast"`` (default) or ``"nested"`` (reference; one replica).
+      normalization: ``"joint"`` (official) or ``"separate"``.
+      fallback: ``"skip"`` / ``"uniform"`` / ``"zeros"`` (see
+        :func:`normalize_weights`).
+      **kwargs: passed to :class:`DMLModel`.
+
+    ``fit`` takes a zipped dataset ``((x, y), (x_val, y_val))``, e.g. from
+    :func:`meta_dataset`. Logged: ``loss`` (W-form), ``pos_sim``,
+    ``neg_sim``, ``meta_loss`` (G-form), ``weight_positive_fraction``
+    (selected pairs with ``w > 0``) and ``gate_open`` (1 when this step's
+    update was applied).
+
+    Under a distribution strategy the weights are computed from the gathered
+    global batch (identical on every replica). A step that is not applied
+    (gate closed or ``fallback="skip"``) is skipped exactly with
+    ``tf.cond`` on one replica; on several replicas it applies zero
+    gradients instead (an exact no-op before the first update, since the
+    optimizer's moments are still zero; later, momentum may move the
+    weights).
+    """
+
+    def __init__(
+        self,
+        encoder,
+        memory=None,
+        augmenter=None,
+        base_loss="contrastive",
+        num_classes=None,
+        d_size=1,
+        dictionary=None,
+        min_classes_before_update=0,
+        virtual_lr=1e-5,
+        path="fast",
+        normalization="joint",
+        fallback="skip",
+        **kwargs,
+    ):
+        if memory is not None or augmenter is not None:
+            raise ValueError(
+                "MMSIModel uses its own class dictionary; `memory` and "
+                f"`augmenter` must be None; received memory={memory!r}, "
+                f"augmenter={augmenter!r}."
+            )
+        super().__init__(encoder, **kwargs)
+        self.base_loss = get_base(base_loss)
+        self.meta_path = _choice("path", path, PATHS)
+        self.normalization = _choice(
+            "normalization", normalization, NORMALIZATIONS
+        )
+        self.fallback = _choice("fallback", fallback, FALLBACKS)
+        if virtual_lr is None or not virtual_lr > 0:
+            raise ValueError(
+                "`virtual_lr` must be > 0; received "
+                f"virtual_lr={virtual_lr!r}."
+            )
+        self.virtual_lr = float(virtual_lr)
+        if (
+            isinstance(min_classes_before_update, bool)
+            or not isinstance(min_classes_before_update, (int, np.integer))
+            or min_classes_before_update < 0
+        ):
+            raise ValueError(
+                "`min_classes_before_update` must be an integer >= 0; "
+                "received min_classes_before_update="
+                f"{min_classes_before_update!r}."
+            )
+        self.min_classes_before_update = int(min_classes_before_update)
+        if dictionary is None:
+            if num_classes is None:
+                raise ValueError(
+                    "MMSIModel needs `num_classes` (or a `dictionary`); "
+                    "received num_classes=None."
+                )
+            dictionary = ClassDictionary(
+                num_classes, _embedding_dim(encoder), d_size
+            )
+        elif not isinstance(dictionary, ClassDictionary):
+            raise ValueError(
+                "`dictionary` must be a tfdml.memory.ClassDictionary; "
+                f"received dictionary={dictionary!r}."
+            )
+        self.dictionary = dictionary
+        self.meta_loss_tracker = keras.metrics.Mean(name="meta_loss")
+
+    def compile(self, optimizer="adam", loss=None, **kwargs):
+        """As :meth:`DMLModel.compile`; the loss defaults to the base loss
+        (used as the G-form by ``evaluate``)."""
+        if loss is None:
+            loss = self.base_loss
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+
+    # -- the meta step -----------------------------------------------------
+    def _snapshot(self):
+        enc = self.encoder
+        tv = [tf.identity(tf.convert_to_tensor(v)) for v in enc.trainable_variables]
+        ntv = [
+            tf.identity(tf.convert_to_tensor(v))
+            for v in enc.non_trainable_variables
+        ]
+        return tv, ntv
+
+    def _gate(self):
+        return (
+            self.dictionary.num_classes_seen() >= self.min_classes_before_update
+        )
+
+    def train_step(self, data):
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            raise ValueError(
+                "MMSIModel.train_step expects ((x, y), (x_val, y_val)) from a "
+                "zipped dataset (see tfdml.meta.meta_dataset)."
+            )
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data[0])
+        x_val, y_val, _ = keras.utils.unpack_x_y_sample_weight(data[1])
+        if y is None or y_val is None:
+            raise ValueError("MMSIModel needs labels for both batches.")
+        base = self.base_loss
+        tv, ntv = self._snapshot()
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if self.meta_path == "nested":
+            if replicas > 1:
+                raise ValueError(
+                    "path='nested' supports one replica only; received "
+                    f"{replicas} replicas (use path='fast')."
+                )
+            out1, new_ntv = _embed(self.encoder, tv, ntv, x)
+            batch = self.forward(x, y, sample_weight, outputs=out1)
+            self.dictionary.enqueue(batch["embeddings"], batch["labels"])
+            ref, ref_lab, valid = self.dictionary.entries()
+            raw, sel, l_g = nested_raw_weights(
+                self.encoder, base, tv, ntv, x, y, x_val, y_val,
+                ref, ref_lab, valid, self.virtual_lr, ids=batch["ids"],
+            )  # fmt: skip
+            w, applied = normalize_weights(
+                raw, sel, self.normalization, self.fallback
+            )
+            w = tf.stop_gradient(w)
+            with tf.GradientTape() as tape:
+                tape.watch(tv)
+                out, _ = _embed(self.encoder, tv, ntv, x)
+                batch = self.forward(x, y, sample_weight, outputs=out)
+                loss, scaled = self._real_loss(batch, sel, w)
+        else:
+            # v = grad L_g needs this step's features in the dictionary
+            # first (official order), hence one plain forward before.
+            out1, _ = _embed(self.encoder, tv, ntv, x)
+            feats = DMLModel._gather(
+                tf.cast(out1["embeddings"], tf.float32)
+            )
+            labs = DMLModel._gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
+            self.dictionary.enqueue(tf.stop_gradient(feats), labs)
+            ref, ref_lab, valid = self.dictionary.entries()
+            v, l_g = meta_direction(
+                self.encoder, base, tv, ntv, x_val, y_val, ref, ref_lab, valid
+            )
+            with tf.GradientTape() as tape:
+                tape.watch(tv)
+                with tf.autodiff.ForwardAccumulator(tv, v) as acc:
+                    out, new_ntv = _embed(self.encoder, tv, ntv, x)
+                    e_local = tf.cast(out["embeddings"], tf.float32)
+                e_dot = acc.jvp(
+                    e_local, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                )
+                batch = self.forward(x, y, sample_weight, outputs=out)
+                e_dot = DMLModel._gather(tf.stop_gradient(e_dot))
+                sim0, ds = similarity_jvp(
+                    base, tf.stop_gradient(batch["embeddings"]), e_dot
+                )
+                sel = self._select(sim0, batch)
+                raw = self.virtual_lr * base.coefficients(sim0, sel) * ds
+                w, applied = normalize_weights(
+                    raw, sel, self.normalization, self.fallback
+                )
+                w = tf.stop_gradient(w)
+                loss, scaled = self._real_loss(batch, sel, w)
+        grads = tape.gradient(
+            scaled, tv, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        gate = self._gate()
+        applied = tf.logical_and(applied, gate)
+        self._apply(grads, new_ntv, applied, replicas)
+        self.apply_updates({"labels": batch["labels"]})
+        return self._logs(loss, batch, sel, w, l_g, applied)
+
+    def _select(self, sim, batch):
+        pos, neg = ops.pair_masks(
+            batch["labels"], batch["labels"], batch["ids"], batch["ids"]
+        )
+        return self.base_loss.select(sim, pos, neg)
+
+    def _real_loss(self, batch, sel, w):
+        """W-form loss with fixed selection and weights (call under the
+        step's tape); returns ``(loss, scaled loss)``."""
+        e = batch["embeddings"]
+        sim = _similarity(self.base_loss, e)
+        per = self.base_loss.weighted(sim, sel, w)
+        sw = batch.get("sample_weight")
+        if sw is not None:
+            per = per * sw
+        loss = tf.reduce_mean(per)
+        scaled = scale_loss_for_distribution(loss)
+        if self.optimizer is not None:
+            scaled = self.optimizer.scale_loss(scaled)
+        return loss, scaled
+
+    def _apply(self, grads, new_ntv, applied, replicas):
+        variables = self.encoder.trainable_variables
+
+        def do_apply():
+            self.optimizer.apply(grads, variables)
+            for var, value in zip(
+                self.encoder.non_trainable_variables, new_ntv
+            ):
+                var.assign(value)
+            return tf.constant(0)
+
+        if replicas > 1:
+            scale = tf.cast(applied, tf.float32)
+            self.optimizer.apply([g * scale for g in grads], variables)
+            return
+        tf.cond(applied, do_apply, lambda: tf.constant(0))
+
+    def _logs(self, loss, batch, sel, w, l_g, applied):
+        refs = {
+            "ref_embeddings": batch["embeddings"],
+            "ref_labels": batch["labels"],
+            "ref_ids": batch["ids"],
+            "ref_valid": tf.ones_like(batch["labels"], dtype=tf.bool),
+        }
+        state = dict(batch)
+        state.update(refs)
+        state["classification_loss"] = None
+        logs = self.update_metrics(loss, state)
+        self.meta_loss_tracker.update_state(l_g)
+        selected = tf.logical_or(sel["pos"], sel["neg"])
+        n_sel = tf.reduce_sum(tf.cast(selected, tf.float32))
+        n_pos = tf.reduce_sum(
+            tf.cast(tf.logical_and(selected, w > 0.0), tf.float32)
+        )
+        logs["meta_loss"] = self.meta_loss_tracker.result()
+        logs["weight_positive_fraction"] = tf.math.divide_no_nan(n_pos, n_sel)
+        logs["gate_open"] = tf.cast(applied, tf.float32)
+        return logs
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("memory", None)
+        config.pop("augmenter", None)
+        config.update(
+            base_loss=keras.saving.serialize_keras_object(self.base_loss),
+            dictionary=keras.saving.serialize_keras_object(self.dictionary),
+            min_classes_before_update=self.min_classes_before_update,
+            virtual_lr=self.virtual_lr,
+            path=self.meta_path,
+            normalization=self.normalization,
+            fallback=self.fallback,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("encoder", "base_loss", "dictionary"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def _embedding_dim(encoder):
+    out = encoder.output
+    if isinstance(out, dict) and "embeddings" in out:
+        dim = out["embeddings"].shape[-1]
+        if dim is not None:
+            return int(dim)
+    raise ValueError(
+        "Cannot read the embedding dimension of the encoder; pass "
+        "`dictionary=ClassDictionary(num_classes, dim, d_size)`."
+    )
+
+
+def validation_dataset(images, labels, classes_per_batch=10, seed=0):
+    """Infinite K = 1 batches of ``classes_per_batch`` distinct classes.
+
+    MMSI's "validation" batch is a resample of the **training** set (official
+    ``valid_loader``), one image per class. ``tfdml.data`` had no balanced
+    sampler when this was written, so this samples in-memory arrays.
+
+    Args:
+      images: array ``[N, ...]``; labels: int array ``[N]``.
+      classes_per_batch: distinct classes per batch (official: 10).
+      seed: sampling seed.
+
+    Returns:
+      ``tf.data.Dataset`` of ``(images [P, ...], labels [P])``.
+    """
+    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    if classes_per_batch < 1 or classes_per_batch > len(classes):
+        raise ValueError(
+            "`classes_per_batch` must be in [1, number of classes = "
+            f"{len(classes)}]; received classes_per_batch={classes_per_batch!r}."
+        )
+    counts = np.bincount(inverse)
+    table = np.full((len(classes), counts.max()), -1, np.int64)
+    for c in range(len(classes)):
+        rows = np.flatnonzero(inverse == c)
+        table[c, : len(rows)] = rows
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels)
+    table_t = tf.constant(table)
+    counts_t = tf.constant(counts, tf.int64)
+    num = len(classes)
+
+    def sample(step):
+        s = tf.stack([tf.cast(seed, tf.int64), step])
+        key = tf.random.stateless_uniform([num], seed=s)
+        chosen = tf.argsort(key)[:classes_per_batch]
+        u = tf.random.stateless_uniform(
+            [classes_per_batch], seed=s + 1, dtype=tf.float32
+        )
+        cnt = tf.gather(counts_t, chosen)
+        col = tf.minimum(
+            tf.cast(u * tf.cast(cnt, tf.float32), tf.int64), cnt - 1
+        )
+        idx = tf.gather_nd(
+            table_t, tf.stack([tf.cast(chosen, tf.int64), col], axis=1)
+        )
+        return tf.gather(images_t, idx), tf.gather(labels_t, idx)
+
+    return tf.data.Dataset.range(2**62).map(sample)
+
+
+def meta_dataset(train_dataset, val_dataset):
+    """Zips training and validation batches for :class:`MMSIModel`.fit."""
+    return tf.data.Dataset.zip((train_dataset, val_dataset))

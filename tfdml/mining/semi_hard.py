@@ -1,0 +1,113 @@
+"""Semi-hard mining (Schroff et al., "FaceNet", CVPR 2015, arXiv 1503.03832,
+Sec. 3.2) as pair masks, plus the sorted-search helpers it shares with
+:class:`tfdml.losses.TripletMarginLoss`.
+
+A triplet (a, p, n) is semi-hard when the negative is farther than the
+positive but inside the margin: ``d_ap < d_an < d_ap + margin``. On cosine
+similarity (higher is closer) that is ``S_ap - margin < S_an < S_ap``.
+
+Pair-mask reading (the masks have no triplet axis): a negative ``n`` of
+anchor ``a`` is kept when it is semi-hard for **at least one** positive of
+``a``; a positive ``p`` is kept when **at least one** negative is semi-hard
+for it. Both tests run with a sort and ``tf.searchsorted`` per anchor, so the
+cost is ``O(B M log M)`` time and ``O(B M)`` memory, never ``[B, M, M]``.
+"""
+
+import tensorflow as tf
+
+from tfdml import ops
+from tfdml import registry
+from tfdml.mining.base import Miner
+
+_BIG = -ops.NEG_INF
+
+
+def smallest_greater(x, mask, queries):
+    """Per row, the smallest masked ``x`` strictly greater than each query.
+
+    Args:
+      x: ``[B, M]`` float values.
+      mask: ``[B, M]`` bool, which values are candidates.
+      queries: ``[B, N]`` float.
+
+    Returns:
+      ``(values, exists)``, both ``[B, N]``. Where no candidate is greater,
+      ``exists`` is False and ``values`` holds a finite sentinel (or the last
+      candidate); gradients flow to the chosen ``x`` entries.
+    """
+    x = tf.cast(x, tf.float32)
+    mask = tf.cast(mask, tf.bool)
+    filled = tf.where(mask, x, tf.fill(tf.shape(x), _BIG))
+    order = tf.argsort(tf.stop_gradient(filled), axis=1, stable=True)
+    sorted_x = tf.gather(filled, order, axis=1, batch_dims=1)
+    idx = tf.searchsorted(
+        tf.stop_gradient(sorted_x), tf.cast(queries, tf.float32), side="right"
+    )
+    count = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1, keepdims=True)
+    exists = idx < count
+    last = tf.shape(x)[1] - 1
+    values = tf.gather(sorted_x, tf.minimum(idx, last), axis=1, batch_dims=1)
+    return values, exists
+
+
+def largest_less(x, mask, queries):
+    """Per row, the largest masked ``x`` strictly less than each query."""
+    values, exists = smallest_greater(-x, mask, -queries)
+    return -values, exists
+
+
+@registry.register
+class SemiHardMiner(Miner):
+    """Keeps semi-hard pairs (FaceNet), read as pair masks.
+
+    Args:
+      margin: the triplet margin, in the units of ``form``; default 0.2
+        (FaceNet's α).
+      form: ``"distance"`` (Euclidean distance of L2-normalised embeddings,
+        ``d = sqrt(2 - 2 S)``, the default) or ``"similarity"`` (cosine).
+
+    A negative is kept if it is semi-hard for at least one positive of the
+    anchor, and a positive is kept if at least one negative is semi-hard for
+    it (strict inequalities on both sides).
+
+    Example::
+
+      loss = tfdml.losses.ContrastiveLoss(miner=SemiHardMiner(margin=0.2))
+    """
+
+    def __init__(self, margin=0.2, form="distance"):
+        if margin is None or margin < 0:
+            raise ValueError(
+                f"`margin` must be >= 0; received margin={margin!r}."
+            )
+        if form not in ("similarity", "distance"):
+            raise ValueError(
+                "`form` must be 'similarity' or 'distance'; received "
+                f"form={form!r}."
+            )
+        self.margin = float(margin)
+        self.form = form
+
+    def __call__(self, sim, pos_mask, neg_mask):
+        pos_mask = tf.cast(pos_mask, tf.bool)
+        neg_mask = tf.cast(neg_mask, tf.bool)
+        sim = tf.stop_gradient(tf.cast(sim, tf.float32))
+        # Work on a "closeness" c (higher is closer): c = S or c = -d.
+        if self.form == "distance":
+            c = -ops.distance_from_similarity(sim)
+        else:
+            c = sim
+        # Negative n is kept iff some positive p has c_n < c_p < c_n + margin:
+        # the smallest positive closeness above c_n is below c_n + margin.
+        above, has_above = smallest_greater(c, pos_mask, c)
+        keep_neg = tf.logical_and(has_above, above < c + self.margin)
+        # Positive p is kept iff some negative has c_p - margin < c_n < c_p.
+        below, has_below = largest_less(c, neg_mask, c)
+        keep_pos = tf.logical_and(has_below, below > c - self.margin)
+        return (
+            tf.logical_and(pos_mask, keep_pos),
+            tf.logical_and(neg_mask, keep_neg),
+        )
+
+    def get_config(self):
+        return {"margin": self.margin, "form": self.form}

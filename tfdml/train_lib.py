@@ -1,0 +1,1162 @@
+"""The run logic behind ``train.py``: config -> objects -> run folder.
+
+:func:`main` validates a resolved config (building every object once, before
+anything is written), then trains with ``model.fit`` and fills the run
+folder described in ``docs/architecture.md``::
+
+  RUN_DIR/
+    config.yaml          resolved config + each built object's get_config()
+    history.csv          CSVLogger (rows of re-run epochs dropped on resume)
+    tb/                  TensorBoard logs
+    checkpoints/         state.json + the last ``train.keep_checkpoints``
+                         tf.train.Checkpoint files (all model, optimizer and
+                         memory / IAA / MMSI variables)
+    best_encoder.keras   best ``val_<eval.monitor>`` on the validation classes
+    final_encoder.keras  encoder at the end of training
+    eval_test.json       metrics on the test classes (reported only)
+    plots/               recall_at_k.png, retrieval_grid.png
+
+Resume: the same command finds ``checkpoints/state.json`` and continues at
+the next epoch. The training data of epoch ``e`` is drawn with seed
+``train.seed + e``, so with ``train.deterministic`` the resumed run ends with
+the same weights as an uninterrupted one.
+
+NaN: a non-finite loss (or weight) stops training before the epoch is
+checkpointed; the last good checkpoint is kept and :func:`main` returns
+:data:`EXIT_NAN`.
+"""
+
+import csv
+import inspect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+from tfdml import config as config_lib
+from tfdml.config import ConfigError
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_NAN = 3
+EXIT_INTERRUPTED = 130
+
+STATE_FILE = "state.json"
+
+
+class NaNError(RuntimeError):
+    """The loss or the weights became non-finite."""
+
+
+# -- validation --
+
+
+def _signature_keys(fn):
+    """Named keyword parameters of ``fn`` (``**kwargs`` is ignored: for
+    layers and models it only takes Keras' ``name`` / ``dtype``)."""
+    params = inspect.signature(fn).parameters.values()
+    return {
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def passthrough_kwargs(cfg, section, targets, reserved=()):
+    """The keys of ``cfg[section]`` that are not trainer keys.
+
+    Each must be a keyword of at least one callable in ``targets``.
+
+    Returns:
+      ``{target_index: {key: value}}``: each key goes to every target that
+      accepts it.
+    """
+    schema = config_lib.SCHEMA.get(section, {})
+    extra = {k: v for k, v in cfg[section].items() if k not in schema}
+    out = {i: {} for i in range(len(targets))}
+    for key, value in extra.items():
+        if key in reserved:
+            raise ConfigError(
+                f"{section}.{key}",
+                "is set by the trainer from other keys; remove it",
+            )
+        taken = False
+        for i, fn in enumerate(targets):
+            keys = _signature_keys(fn)
+            if keys is None or key in keys:
+                out[i][key] = value
+                taken = True
+        if not taken:
+            accepted = set(config_lib.SCHEMA.get(section, {}))
+            for fn in targets:
+                accepted |= (_signature_keys(fn) or set()) - set(reserved)
+            accepted -= {"self", "name", "kwargs"}
+            raise ConfigError(
+                f"{section}.{key}",
+                f"unknown key; expected one of {sorted(accepted)}",
+            )
+    return out
+
+
+def _construct(key, fn, *args, **kwargs):
+    """Calls ``fn(...)``; TypeError / ValueError -> ConfigError(key)."""
+    try:
+        return fn(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        if "." not in key:
+            key = _spec_key(key, kwargs, str(e))
+        raise ConfigError(key, str(e)) from None
+
+
+def _spec_key(section, spec, message):
+    """Finds the sub-key a constructor error message names, if any."""
+    for k in spec:
+        if k != "name" and (f"`{k}`" in message or f"'{k}'" in message):
+            return f"{section}.{k}"
+    return section
+
+
+def build_registry_object(cfg, section, base):
+    """Builds ``cfg[section]`` through the registry (None stays None)."""
+    from tfdml import registry
+
+    spec = cfg[section]
+    if spec is None:
+        return None
+    try:
+        return registry.build(base, dict(spec))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_spec_key(section, spec, str(e)), str(e)) from None
+
+
+def build_loss(cfg):
+    """The pair loss with its miner and weighting from the config."""
+    import tfdml.losses  # noqa: F401  (registers every loss)
+    from tfdml import mining
+    from tfdml import registry
+    from tfdml import weighting
+    from tfdml.losses import PairLoss
+
+    miner = build_registry_object(cfg, "miner", mining.Miner)
+    weight = build_registry_object(cfg, "weighting", weighting.Weighting)
+    spec = dict(cfg["loss"])
+    available = registry.registered(PairLoss)
+    if spec["name"] not in available:
+        raise ConfigError(
+            "loss.name",
+            f"unknown loss {spec['name']!r}; available: "
+            f"{', '.join(sorted(available))}",
+        )
+    keys = _signature_keys(available[spec["name"]].__init__)
+    if miner is not None:
+        if "miner" in spec:
+            raise ConfigError(
+                "loss.miner", "set the miner in the miner section only"
+            )
+        spec["miner"] = miner
+    if weight is not None:
+        if keys is not None and "weighting" not in keys:
+            raise ConfigError(
+                "weighting",
+                f"loss {spec['name']} does not take a weighting",
+            )
+        spec["weighting"] = weight
+    try:
+        return registry.build(PairLoss, spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_spec_key("loss", spec, str(e)), str(e)) from None
+
+
+def describe(obj):
+    """``{"class_name", "config"}`` of an object (for config.yaml)."""
+    if obj is None:
+        return None
+    try:
+        cfg = obj.get_config()
+    except Exception as e:  # noqa: BLE001 - informative only
+        cfg = {"error": f"get_config failed: {e}"}
+    return {"class_name": type(obj).__name__, "config": _plain(cfg)}
+
+
+def _plain(value):
+    """YAML-safe copy (objects -> their repr)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+# -- data --
+
+
+class Data:
+    """Class-disjoint splits: ``train``/``val``/``test`` plus metadata."""
+
+    def __init__(self, cfg):
+        from tfdml import data as data_lib
+
+        self.cfg = cfg
+        dcfg = dict(cfg["data"])
+        try:
+            self.source = data_lib.source_from_config(
+                dcfg,
+                image_size=cfg["model"]["image_size"],
+                channels=cfg["model"]["channels"],
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError("data", str(e)) from None
+        try:
+            self.splits = data_lib.split_classes(
+                self.source.classes,
+                test_fraction=dcfg["test_fraction"],
+                val_classes=dcfg["val_classes"],
+                seed=cfg["train"]["seed"],
+            )
+        except ValueError as e:
+            raise ConfigError("data.val_classes", str(e)) from None
+        self.train_classes = list(self.splits["train"])
+        self.num_train_classes = len(self.train_classes)
+
+
+def check_data(cfg, data):
+    """Batch-shape checks against the actual class counts."""
+    p = cfg["data"]["classes_per_batch"]
+    n = data.num_train_classes
+    if p > n:
+        raise ConfigError(
+            "data.classes_per_batch",
+            f"P={p} classes per batch but the training split has only "
+            f"{n} classes",
+        )
+    meta = cfg["meta"]
+    if meta["method"] == "mmsi" and meta["val_classes_per_batch"] > n:
+        raise ConfigError(
+            "meta.val_classes_per_batch",
+            f"{meta['val_classes_per_batch']} exceeds the {n} training classes",
+        )
+    if len(data.splits["val"]) < 2:
+        raise ConfigError(
+            "data.val_classes",
+            "the validation split needs at least 2 classes for model "
+            f"selection; it has {len(data.splits['val'])}",
+        )
+
+
+# -- objects --
+
+
+class Built:
+    """Everything built from a config before training starts."""
+
+    loss = None
+    data = None
+    encoder_kwargs = None
+    memory_kwargs = None
+    meta_kwargs = None
+    augment_kwargs = None
+
+
+def validate(cfg):
+    """Builds every object once (cheaply) and checks the config.
+
+    Raises:
+      ConfigError: naming the key. Nothing is written.
+    """
+    built = validate_objects(cfg)
+    built.data = Data(cfg)
+    check_data(cfg, built.data)
+    return built
+
+
+def validate_objects(cfg):
+    """Like :func:`validate` without reading any data."""
+    built = Built()
+    built.loss = build_loss(cfg)
+    _validate_optimizer(cfg)
+    from tfdml import models
+
+    built.encoder_kwargs = passthrough_kwargs(
+        cfg,
+        "model",
+        [models.build_embedding_model],
+        reserved=("input_shape", "num_classes"),
+    )[0]
+    mem = cfg["memory"]
+    if mem["size"] > 0:
+        from tfdml.memory import CrossBatchMemory
+
+        built.memory_kwargs = passthrough_kwargs(
+            cfg, "memory", [CrossBatchMemory], reserved=("dim",)
+        )[0]
+        _construct(
+            "memory",
+            CrossBatchMemory,
+            size=mem["size"],
+            dim=2,
+            start_after=mem["start_after"],
+            **built.memory_kwargs,
+        )
+    elif set(mem) - set(config_lib.SCHEMA["memory"]):
+        raise ConfigError("memory", "memory options given but memory.size is 0")
+    if cfg["meta"]["method"] == "mmsi":
+        from tfdml.meta import MMSIModel
+
+        built.meta_kwargs = passthrough_kwargs(
+            cfg,
+            "meta",
+            [MMSIModel.__init__],
+            reserved=(
+                "encoder",
+                "memory",
+                "augmenter",
+                "classification_loss_weight",
+            ),
+        )[0]
+    elif set(cfg["meta"]) - set(config_lib.SCHEMA["meta"]):
+        raise ConfigError("meta", "meta options given but meta.method is none")
+    if cfg["augment"]["method"] == "iaa":
+        built.augment_kwargs = _iaa_kwargs(cfg)
+    elif set(cfg["augment"]) - set(config_lib.SCHEMA["augment"]):
+        raise ConfigError(
+            "augment", "augment options given but augment.method is none"
+        )
+    return built
+
+
+def _iaa_kwargs(cfg):
+    from tfdml import augment
+
+    targets = [augment.IAAEstimator, augment.IAAugmenter, augment.IAARefresh]
+    split = passthrough_kwargs(
+        cfg,
+        "augment",
+        targets,
+        reserved=("dim", "num_classes", "estimator", "dataset", "epochs"),
+    )
+    kw = {"estimator": split[0], "augmenter": split[1], "refresh": split[2]}
+    estimator = _construct(
+        "augment", augment.IAAEstimator, num_classes=2, dim=2, **kw["estimator"]
+    )
+    _construct("augment", augment.IAAugmenter, estimator, **kw["augmenter"])
+    _construct("augment", augment.IAARefresh, None, **kw["refresh"])
+    return kw
+
+
+def _validate_optimizer(cfg):
+    opt = cfg["optimizer"]
+    if opt["name"] != "sgd" and opt["name"] != "rmsprop":
+        if opt["momentum"]:
+            raise ConfigError(
+                "optimizer.momentum",
+                f"only used by sgd / rmsprop, not {opt['name']!r}",
+            )
+
+
+def build_optimizer(cfg):
+    import keras
+
+    opt = cfg["optimizer"]
+    train = cfg["train"]
+    lr = opt["learning_rate"]
+    steps = train["steps_per_epoch"]
+    if opt["schedule"] == "multistep":
+        bounds = [m * steps for m in opt["milestones"]]
+        values = [lr * opt["gamma"] ** i for i in range(len(bounds) + 1)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
+    elif opt["schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=train["epochs"] * steps
+        )
+    kwargs = {"learning_rate": lr}
+    if opt["weight_decay"]:
+        kwargs["weight_decay"] = opt["weight_decay"]
+    if opt["clipnorm"]:
+        kwargs["clipnorm"] = opt["clipnorm"]
+    name = opt["name"]
+    if name == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if name == "adamw":
+        kwargs.setdefault("weight_decay", 0.0)
+        return keras.optimizers.AdamW(**kwargs)
+    if name == "sgd":
+        return keras.optimizers.SGD(momentum=opt["momentum"], **kwargs)
+    return keras.optimizers.RMSprop(momentum=opt["momentum"], **kwargs)
+
+
+# -- run folder --
+
+
+def run_dir_of(cfg, config_path=None):
+    if cfg["train"]["run_dir"]:
+        return os.path.abspath(cfg["train"]["run_dir"])
+    stem = "run"
+    if config_path:
+        stem = os.path.splitext(os.path.basename(config_path))[0]
+    return os.path.abspath(os.path.join("runs", stem))
+
+
+def _comparable(cfg):
+    """Config without the keys that may change between resumes."""
+    out = json.loads(json.dumps(cfg))
+    out["train"].pop("overwrite", None)
+    out["train"].pop("verbose", None)
+    out["train"].pop("debug_inject_nan_at_step", None)
+    return out
+
+
+def read_state(run_dir):
+    path = os.path.join(run_dir, "checkpoints", STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _atomic_write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg, run_dir):
+    """Checks an existing run folder against ``cfg``.
+
+    Returns:
+      ``"new"``, ``"resume"`` or ``"done"``.
+
+    Raises:
+      ConfigError: the folder holds a run of another config (nothing is
+        written).
+    """
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if cfg["train"]["overwrite"] or not os.path.exists(cfg_path):
+        return "new"
+    with open(cfg_path, encoding="utf-8") as f:
+        previous = config_lib.parse_yaml(f.read()) or {}
+    previous = previous.get("resolved", previous)
+    if _comparable(previous) != _comparable(cfg):
+        raise ConfigError(
+            "train.run_dir",
+            f"{run_dir} holds a run of a different config; choose another "
+            "train.run_dir or --set train.overwrite=true",
+        )
+    state = read_state(run_dir)
+    if state and state.get("done"):
+        return "done"
+    return "resume" if state else "new"
+
+
+# -- runtime options --
+
+
+def setup_runtime(cfg):
+    """Seeds, op determinism and the dtype policy (process-wide)."""
+    import keras
+    import tensorflow as tf
+
+    train = cfg["train"]
+    keras.utils.set_random_seed(train["seed"])
+    if train["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if train["mixed_precision"] else "float32"
+    )
+
+
+def teardown_runtime(cfg):
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    # Op determinism stays on: TF has no public switch to turn it off.
+
+
+def make_strategy(cfg):
+    import tensorflow as tf
+
+    name = cfg["train"]["strategy"]
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    import tensorflow as tf
+
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    if resolver is None:
+        return True
+    return resolver.task_type in (None, "chief") or (
+        resolver.task_type == "worker" and resolver.task_id == 0
+    )
+
+
+# -- checkpoints --
+
+
+def _state_variables(*objects):
+    """All variables of ``objects`` (deduplicated, in a stable order)."""
+    seen, out = set(), []
+    for obj in objects:
+        if obj is None:
+            continue
+        variables = []
+        if hasattr(obj, "trainable_variables") and hasattr(
+            obj, "non_trainable_variables"
+        ):
+            variables = list(obj.trainable_variables) + list(
+                obj.non_trainable_variables
+            )
+        elif hasattr(obj, "variables"):
+            variables = list(obj.variables)
+        for v in variables:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
+
+
+class RunState:
+    """What ``checkpoints/state.json`` holds (and the live NaN flag)."""
+
+    def __init__(self, state=None):
+        state = state or {}
+        self.epoch = int(state.get("epoch", 0))  # epochs completed
+        self.checkpoint = state.get("checkpoint")
+        self.best = state.get("best")
+        self.best_epoch = state.get("best_epoch")
+        self.done = bool(state.get("done", False))
+        self.nan = None  # (epoch, batch, value) once the loss is not finite
+
+    def to_json(self):
+        return {
+            "epoch": self.epoch,
+            "checkpoint": self.checkpoint,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "done": self.done,
+        }
+
+
+class Checkpointer:
+    """Epoch checkpoints of every training variable.
+
+    The variables are listed explicitly (model, optimizer and extra state
+    such as an IAA estimator), so random-seed states and memory banks are
+    included.
+    """
+
+    def __init__(self, directory, variables, keep=2):
+        import tensorflow as tf
+
+        self.directory = directory
+        self.keep = keep
+        self.ckpt = tf.train.Checkpoint(variables=list(variables))
+
+    def save(self, epoch, state):
+        os.makedirs(self.directory, exist_ok=True)
+        prefix = os.path.join(self.directory, f"epoch-{epoch:05d}")
+        path = self.ckpt.write(prefix)
+        state.checkpoint = os.path.basename(path)
+        state.epoch = epoch
+        write_state(os.path.dirname(self.directory), state)
+        self._prune(keep_name=state.checkpoint)
+        return path
+
+    def restore(self, name):
+        path = os.path.join(self.directory, name)
+        self.ckpt.read(path).assert_consumed()
+
+    def _prune(self, keep_name):
+        names = sorted(
+            {
+                f.split(".")[0]
+                for f in os.listdir(self.directory)
+                if f.startswith("epoch-")
+            }
+        )
+        names = [n for n in names if n != keep_name]
+        for stale in names[: max(0, len(names) - (self.keep - 1))]:
+            for f in os.listdir(self.directory):
+                if f.split(".")[0] == stale:
+                    os.remove(os.path.join(self.directory, f))
+
+
+def write_state(run_dir, state):
+    path = os.path.join(run_dir, "checkpoints", STATE_FILE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path, json.dumps(state.to_json(), indent=2))
+
+
+def _finite(value):
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True
+
+
+def make_callbacks_module():
+    """Callbacks (defined lazily so that importing is cheap)."""
+    import keras
+    import numpy as np
+
+    class NaNGuard(keras.callbacks.Callback):
+        """Stops on a non-finite loss; optionally poisons a step (tests)."""
+
+        def __init__(self, state, inject_at=None):
+            super().__init__()
+            self.state = state
+            self.inject_at = inject_at
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.inject_at is None:
+                return
+            step = int(self.model.optimizer.iterations.numpy())
+            if step == self.inject_at:
+                v = self.model.trainable_variables[0]
+                v.assign(np.full(v.shape, np.nan, v.dtype))
+
+        def on_train_batch_end(self, batch, logs=None):
+            # Any non-finite training log counts: a loss computed on NaN
+            # embeddings can be masked to 0 while the similarities are NaN.
+            for name, value in (logs or {}).items():
+                if not _finite(value):
+                    self.state.nan = (self.epoch, batch, name, float(value))
+                    self.model.stop_training = True
+                    return
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.state.nan is None and not all(
+                np.all(np.isfinite(v.numpy()))
+                for v in self.model.trainable_variables
+            ):
+                self.state.nan = (epoch, None, "weights", float("nan"))
+                self.model.stop_training = True
+
+    class Guarded(keras.callbacks.Callback):
+        """Runs ``inner``'s epoch-end hook only while there is no NaN."""
+
+        def __init__(self, inner, state):
+            super().__init__()
+            self.inner = inner
+            self.state = state
+
+        def set_model(self, model):
+            super().set_model(model)
+            self.inner.set_model(model)
+
+        def set_params(self, params):
+            super().set_params(params)
+            self.inner.set_params(params)
+
+        def on_train_begin(self, logs=None):
+            self.inner.on_train_begin(logs)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.inner.on_epoch_begin(epoch, logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.state.nan is None:
+                self.inner.on_epoch_end(epoch, logs)
+
+        def on_train_end(self, logs=None):
+            self.inner.on_train_end(logs)
+
+    class BestEncoder(keras.callbacks.Callback):
+        """Saves the encoder when ``monitor`` (validation) improves."""
+
+        def __init__(self, encoder, path, monitor, state):
+            super().__init__()
+            self.encoder = encoder
+            self.path = path
+            self.monitor = monitor
+            self.state = state
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.state.nan is not None:
+                return
+            value = (logs or {}).get(self.monitor)
+            if value is None or not _finite(value):
+                return
+            value = float(value)
+            if self.state.best is None or value > self.state.best:
+                tmp = self.path[: -len(".keras")] + ".tmp.keras"
+                self.encoder.save(tmp)
+                os.replace(tmp, self.path)
+                self.state.best = value
+                self.state.best_epoch = epoch + 1
+
+    class EpochCheckpoint(keras.callbacks.Callback):
+        """Writes the checkpoint + state.json at each good epoch end."""
+
+        def __init__(self, checkpointer, state):
+            super().__init__()
+            self.checkpointer = checkpointer
+            self.state = state
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.state.nan is None:
+                self.checkpointer.save(epoch + 1, self.state)
+
+    return NaNGuard, Guarded, BestEncoder, EpochCheckpoint
+
+
+def trim_history(path, epochs_done):
+    """Drops CSV rows of epochs that will be re-run after a resume."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    if "epoch" not in header:
+        return
+    i = header.index("epoch")
+    keep = [r for r in body if r and int(float(r[i])) < epochs_done]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(keep)
+
+
+# -- main --
+
+
+def main(cfg, config_path=None, check_only=False):
+    """Validates and runs a resolved config; returns the exit status."""
+    try:
+        built = validate(cfg)
+        run_dir = run_dir_of(cfg, config_path)
+        mode = prepare_run_dir(cfg, run_dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if check_only:
+        print(f"config OK (run folder would be {run_dir})")
+        return EXIT_OK
+    if mode == "done":
+        print(
+            f"{run_dir} already holds a finished run; use --set "
+            "train.overwrite=true to train again."
+        )
+        return EXIT_OK
+    setup_runtime(cfg)
+    try:
+        return _train(cfg, built, run_dir, mode)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted; run the same command again to resume from "
+            f"{os.path.join(run_dir, 'checkpoints')}.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    finally:
+        teardown_runtime(cfg)
+
+
+def _train(cfg, built, run_dir, mode):
+    train = cfg["train"]
+    strategy = make_strategy(cfg)
+    chief = is_chief(strategy)
+    if mode == "new" and os.path.isdir(run_dir) and chief:
+        shutil.rmtree(run_dir)
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    state = RunState(read_state(run_dir) if mode == "resume" else None)
+    with strategy.scope():
+        parts = build_model(cfg, built, strategy)
+        model = parts.model
+        model.compile(
+            optimizer=build_optimizer(cfg),
+            loss=built.loss,
+            jit_compile=train["jit_compile"],
+        )
+        model.optimizer.build(model.trainable_variables)
+        variables = _state_variables(model, model.optimizer) + [
+            v for obj in parts.state_objects for v in _state_variables(obj)
+        ]
+        variables = list({id(v): v for v in variables}.values())
+        checkpointer = Checkpointer(
+            os.path.join(run_dir, "checkpoints"),
+            variables,
+            keep=train["keep_checkpoints"],
+        )
+        if mode == "resume":
+            checkpointer.restore(state.checkpoint)
+            print(
+                f"resuming {run_dir} after epoch {state.epoch} "
+                f"({state.checkpoint})"
+            )
+    _write_config(cfg, built, parts, run_dir)
+    start = state.epoch
+    history = os.path.join(run_dir, "history.csv")
+    trim_history(history, start)
+    callbacks = _callbacks(cfg, built, parts, run_dir, state, checkpointer)
+    if start < train["epochs"]:
+        dataset = train_dataset(cfg, built, start, strategy)
+        t0 = time.time()
+        model.fit(
+            dataset,
+            epochs=train["epochs"],
+            initial_epoch=start,
+            steps_per_epoch=train["steps_per_epoch"],
+            callbacks=callbacks,
+            verbose=train["verbose"],
+        )
+        print(f"training took {time.time() - t0:.1f} s")
+    if state.nan is not None:
+        epoch, batch, name, value = state.nan
+        where = f"epoch {epoch + 1}" + (
+            f", batch {batch + 1}" if batch is not None else ""
+        )
+        last = state.checkpoint or "none (no epoch finished)"
+        print(
+            f"error: non-finite training value ({name}={value}) at {where}; "
+            "training stopped. "
+            f"The last good checkpoint is kept: {last} in "
+            f"{os.path.join(run_dir, 'checkpoints')} (epoch {state.epoch}). "
+            "Lower optimizer.learning_rate or enable optimizer.clipnorm.",
+            file=sys.stderr,
+        )
+        return EXIT_NAN
+    finish(cfg, built, parts, run_dir, state)
+    state.done = True
+    write_state(run_dir, state)
+    print(f"run folder: {run_dir}")
+    return EXIT_OK
+
+
+def _write_config(cfg, built, parts, run_dir):
+    doc = {
+        "resolved": cfg,
+        "objects": {
+            "loss": describe(built.loss),
+            "encoder": {
+                "class_name": "Functional",
+                "config": {
+                    "kwargs": _plain(built.encoder_kwargs),
+                    "input_shape": [
+                        cfg["model"]["image_size"],
+                        cfg["model"]["image_size"],
+                        cfg["model"]["channels"],
+                    ],
+                },
+            },
+            "model": describe(parts.model),
+            "optimizer": describe(parts.model.optimizer),
+        },
+    }
+    for name, obj in parts.describe.items():
+        doc["objects"][name] = describe(obj)
+    _atomic_write(
+        os.path.join(run_dir, "config.yaml"), config_lib.dump_yaml(doc)
+    )
+
+
+def _callbacks(cfg, built, parts, run_dir, state, checkpointer):
+    import keras
+
+    NaNGuard, Guarded, BestEncoder, EpochCheckpoint = make_callbacks_module()
+    cbs = [NaNGuard(state, cfg["train"]["debug_inject_nan_at_step"])]
+    cbs += [Guarded(cb, state) for cb in parts.callbacks]
+    evaluator = validation_callback(cfg, built, parts)
+    if evaluator is not None:
+        cbs.append(Guarded(evaluator, state))
+        cbs.append(
+            BestEncoder(
+                parts.encoder,
+                os.path.join(run_dir, "best_encoder.keras"),
+                "val_" + cfg["eval"]["monitor"],
+                state,
+            )
+        )
+    cbs.append(EpochCheckpoint(checkpointer, state))
+    cbs.append(
+        keras.callbacks.CSVLogger(
+            os.path.join(run_dir, "history.csv"), append=True
+        )
+    )
+    cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tb")))
+    return cbs
+
+
+# -- wiring of the library pieces --
+
+
+class Parts:
+    """The built model and what belongs to it."""
+
+    def __init__(self):
+        self.model = None
+        self.encoder = None
+        self.memory = None
+        self.augmenter = None
+        self.callbacks = []  # extra Keras callbacks (IAA refresh)
+        self.state_objects = []  # extra objects whose variables are saved
+        self.describe = {}  # name -> object for config.yaml
+
+
+def input_shape(cfg):
+    m = cfg["model"]
+    return (m["image_size"], m["image_size"], m["channels"])
+
+
+def build_model(cfg, built, strategy=None):
+    """Encoder, memory, IAA and the (MMSI) DML model from the config."""
+    from tfdml import models
+
+    parts = Parts()
+    num_classes = None
+    if cfg["model"]["classification_head"]:
+        num_classes = built.data.num_train_classes
+    parts.encoder = _construct(
+        "model",
+        models.build_embedding_model,
+        input_shape=input_shape(cfg),
+        num_classes=num_classes,
+        **built.encoder_kwargs,
+    )
+    dim = int(parts.encoder.output["embeddings"].shape[-1])
+    mem = cfg["memory"]
+    if mem["size"] > 0:
+        from tfdml.memory import CrossBatchMemory
+
+        parts.memory = CrossBatchMemory(
+            mem["size"],
+            dim,
+            start_after=mem["start_after"],
+            **built.memory_kwargs,
+        )
+        parts.describe["memory"] = parts.memory
+    if built.augment_kwargs is not None:
+        from tfdml import augment
+
+        kw = built.augment_kwargs
+        estimator = _construct(
+            "augment",
+            augment.IAAEstimator,
+            num_classes=built.data.num_train_classes,
+            dim=int(parts.encoder.output["raw"].shape[-1]),
+            **kw["estimator"],
+        )
+        aug_kw = dict(kw["augmenter"])
+        aug_kw.setdefault("seed", cfg["train"]["seed"])
+        parts.augmenter = _construct(
+            "augment", augment.IAAugmenter, estimator, **aug_kw
+        )
+        parts.callbacks.append(
+            _construct(
+                "augment",
+                augment.IAARefresh,
+                built.data.estimation_dataset(cfg["eval"]["batch_size"]),
+                epochs=cfg["train"]["epochs"],
+                **kw["refresh"],
+            )
+        )
+        parts.state_objects += [estimator, parts.augmenter]
+        parts.describe["iaa_estimator"] = estimator
+        parts.describe["iaa_augmenter"] = parts.augmenter
+    common = dict(
+        memory=parts.memory,
+        augmenter=parts.augmenter,
+        classification_loss_weight=cfg["train"]["classification_loss_weight"],
+    )
+    if cfg["meta"]["method"] == "mmsi":
+        from tfdml.meta import MMSIModel
+
+        parts.model = _construct(
+            "meta",
+            MMSIModel,
+            encoder=parts.encoder,
+            **common,
+            **built.meta_kwargs,
+        )
+    else:
+        parts.model = _construct(
+            "model", models.DMLModel, encoder=parts.encoder, **common
+        )
+    return parts
+
+
+def _concat_epochs(make, start, epochs, steps):
+    """Epoch ``e`` comes from ``make(e)``: resumable at any epoch."""
+    ds = None
+    for epoch in range(start, epochs):
+        part = make(epoch).take(steps)
+        ds = part if ds is None else ds.concatenate(part)
+    return ds
+
+
+def train_dataset(cfg, built, start, strategy=None):
+    """Training batches for epochs ``start..epochs-1``.
+
+    Epoch ``e`` is sampled with seed ``train.seed + e`` (MMSI's validation
+    stream with ``train.seed + e + 7919``), so a resumed run sees the same
+    batches as an uninterrupted one.
+    """
+    import tensorflow as tf
+
+    train = cfg["train"]
+    seed = train["seed"]
+    steps = train["steps_per_epoch"]
+    data = built.data
+    ds = _concat_epochs(
+        lambda e: data.train_batches(seed + e),
+        start,
+        train["epochs"],
+        steps,
+    )
+    if cfg["meta"]["method"] == "mmsi":
+        meta = cfg["meta"]
+        val = _concat_epochs(
+            lambda e: data.train_batches(
+                seed + e + 7919,
+                classes_per_batch=meta["val_classes_per_batch"],
+                samples_per_class=meta["val_samples_per_class"],
+            ),
+            start,
+            train["epochs"],
+            steps,
+        )
+        ds = tf.data.Dataset.zip((ds, val))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def validation_callback(cfg, built, parts):
+    """H3's retrieval evaluation on the validation classes (``val_*``)."""
+    from tfdml import eval as eval_lib
+
+    x, y = built.data.arrays("val")
+    ev = cfg["eval"]
+    return eval_lib.RetrievalEvaluationCallback(
+        (x, y),
+        encoder=parts.encoder,
+        prefix="val_",
+        every_n_epochs=ev["every_n_epochs"],
+        ks=tuple(ev["recall_at"]),
+        batch_size=ev["batch_size"],
+        metric_options={
+            "method": "scann" if ev["index"] == "scann" else "exact",
+            "seed": cfg["train"]["seed"],
+        },
+    )
+
+
+def embed(encoder, x, batch_size):
+    import numpy as np
+
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(
+            np.asarray(
+                encoder(x[i : i + batch_size], training=False)["embeddings"],
+                dtype="float32",
+            )
+        )
+    return np.concatenate(out) if out else np.zeros((0, 1), "float32")
+
+
+def test_metrics(cfg, encoder, x, y):
+    from tfdml import eval as eval_lib
+
+    emb = embed(encoder, x, cfg["eval"]["batch_size"])
+    metrics = eval_lib.retrieval_metrics(
+        emb,
+        y,
+        recall_at=cfg["eval"]["recall_at"],
+        method="scann" if cfg["eval"]["index"] == "scann" else "exact",
+        seed=cfg["train"]["seed"],
+    )
+    return {k: _plain(v) for k, v in metrics.items()}, emb
+
+
+def finish(cfg, built, parts, run_dir, state):
+    """final_encoder.keras, eval_test.json, plots and the optional export."""
+    import keras
+
+    final_path = os.path.join(run_dir, "final_encoder.keras")
+    parts.encoder.save(final_path)
+    x, y = built.data.arrays("test")
+    report = {
+        "classes": "test (never used for model selection)",
+        "num_queries": int(len(y)),
+        "num_classes": int(len(set(y.tolist()))),
+        "best_epoch": state.best_epoch,
+        "best_val": state.best,
+        "monitor": "val_" + cfg["eval"]["monitor"],
+    }
+    report["final"], emb = test_metrics(cfg, parts.encoder, x, y)
+    best_path = os.path.join(run_dir, "best_encoder.keras")
+    if os.path.exists(best_path):
+        best = keras.saving.load_model(best_path, compile=False)
+        report["best"], _ = test_metrics(cfg, best, x, y)
+    _atomic_write(
+        os.path.join(run_dir, "eval_test.json"), json.dumps(report, indent=2)
+    )
+    if cfg["eval"]["plots"]:
+        _plots(cfg, run_dir, emb, x, y, report)
+    if cfg["export"]["enabled"]:
+        export_encoder(cfg, run_dir, parts.encoder, emb, y)
+    _print_summary(report)
+    return report
+
+
+def _plots(cfg, run_dir, emb, x, y, report):
+    from tfdml.eval import plots
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    plots.plot_recall_at_k(
+        {
+            "final": report["final"],
+            **({"best": report["best"]} if "best" in report else {}),
+        },
+        os.path.join(out, "recall_at_k.png"),
+    )
+    plots.plot_retrieval_grid(
+        emb, y, x, os.path.join(out, "retrieval_grid.png")
+    )
+
+
+def export_encoder(cfg, run_dir, encoder, db_emb, db_labels):
+    from tfdml import export as export_lib
+
+    out = cfg["export"]["dir"] or os.path.join(run_dir, "export")
+    export_lib.export_saved_model(
+        encoder,
+        out,
+        database=db_emb,
+        database_labels=db_labels,
+        index=cfg["export"]["index"],
+    )
+    return out
+
+
+def _print_summary(report):
+    keys = [k for k in report["final"] if isinstance(report["final"][k], float)]
+    print("\ntest classes (reported only):")
+    print(f"  {'metric':<16}{'final':>10}{'best(val)':>12}")
+    for k in keys:
+        best = report.get("best", {}).get(k)
+        b = f"{best:12.4f}" if isinstance(best, float) else f"{'-':>12}"
+        print(f"  {k:<16}{report['final'][k]:10.4f}{b}")
