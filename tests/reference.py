@@ -118,7 +118,9 @@ def _reduce_anchor(values_per_anchor, mode):
     n = len(values_per_anchor)
     out = np.zeros(n)
     if mode == "pml":
-        nonzero = sum(sum(1 for v in vals if v > 0) for vals in values_per_anchor)
+        nonzero = sum(
+            sum(1 for v in vals if v > 0) for vals in values_per_anchor
+        )
         if nonzero == 0:
             return out
         return np.array([n * sum(vals) / nonzero for vals in values_per_anchor])
@@ -257,7 +259,9 @@ def lifted_structure(
         for j in pos:
             terms = [neg_margin - dist[i, k] for k in neg]
             terms += [
-                neg_margin - dist[l, j] for l in range(n) if labels[l] != r_labels[j]
+                neg_margin - dist[m, j]
+                for m in range(n)
+                if labels[m] != r_labels[j]
             ]
             if not terms:
                 continue  # log of an empty sum: hinge 0
@@ -326,7 +330,9 @@ def tfa_triplet_semihard_scalar(labels, emb, margin=1.0, metric="L_2"):
         for j in range(n):
             if labels[i] == labels[j] and i != j:
                 num_pos += 1.0
-                negs = sorted(pdist[i, k] for k in range(n) if labels[k] != labels[i])
+                negs = sorted(
+                    pdist[i, k] for k in range(n) if labels[k] != labels[i]
+                )
                 chosen = negs[0]
                 for value in negs:
                     chosen = value
@@ -343,7 +349,9 @@ def tfa_triplet_hard_scalar(labels, emb, margin=1.0, soft=False, metric="L_2"):
     n = len(labels)
     loss = 0.0
     for i in range(n):
-        pos = [pdist[i, j] for j in range(n) if labels[j] == labels[i] and j != i]
+        pos = [
+            pdist[i, j] for j in range(n) if labels[j] == labels[i] and j != i
+        ]
         neg = [pdist[i, j] for j in range(n) if labels[j] != labels[i]]
         hp = max(pos) if pos else 0.0
         hn = min(neg)
@@ -363,8 +371,16 @@ def tfa_lifted_struct_scalar(labels, emb, margin=1.0):
     for i in range(n):
         for j in range(n):
             if labels[i] == labels[j] and i != j:
-                negs = [margin - pdist[i, k] for k in range(n) if labels[k] != labels[i]]
-                negs += [margin - pdist[j, l] for l in range(n) if labels[l] != labels[j]]
+                negs = [
+                    margin - pdist[i, k]
+                    for k in range(n)
+                    if labels[k] != labels[i]
+                ]
+                negs += [
+                    margin - pdist[j, m]
+                    for m in range(n)
+                    if labels[m] != labels[j]
+                ]
                 count += 1.0
                 this = max(_logsumexp(negs) + pdist[i, j], 0.0)
                 loss += this * this
@@ -372,8 +388,15 @@ def tfa_lifted_struct_scalar(labels, emb, margin=1.0):
 
 
 def tfa_triplet_semihard(
-    emb, labels, ref=None, ref_labels=None, ids=None, ref_ids=None,
-    ref_valid=None, margin=1.0, metric="L_2",
+    emb,
+    labels,
+    ref=None,
+    ref_labels=None,
+    ids=None,
+    ref_ids=None,
+    ref_valid=None,
+    margin=1.0,
+    metric="L_2",
 ):
     """Per-anchor share (B * sum / |P|) of tfa's semi-hard triplet loss."""
     pdist = tfa_pdist(emb, ref, metric)
@@ -392,8 +415,16 @@ def tfa_triplet_semihard(
 
 
 def tfa_triplet_hard(
-    emb, labels, ref=None, ref_labels=None, ids=None, ref_ids=None,
-    ref_valid=None, margin=1.0, soft=False, metric="L_2",
+    emb,
+    labels,
+    ref=None,
+    ref_labels=None,
+    ids=None,
+    ref_ids=None,
+    ref_valid=None,
+    margin=1.0,
+    soft=False,
+    metric="L_2",
 ):
     """Per-anchor tfa batch-hard loss (no negatives: d_an = d_ap)."""
     pdist = tfa_pdist(emb, ref, metric)
@@ -402,7 +433,9 @@ def tfa_triplet_hard(
     for i, (pos, neg) in enumerate(lists):
         hp = max(pdist[i, j] for j in pos) if pos else 0.0
         hn = min(pdist[i, k] for k in neg) if neg else hp
-        out[i] = np.log1p(np.exp(hp - hn)) if soft else max(0.0, hp - hn + margin)
+        out[i] = (
+            np.log1p(np.exp(hp - hn)) if soft else max(0.0, hp - hn + margin)
+        )
     return out
 
 
@@ -425,21 +458,27 @@ def tfa_contrastive(y_true, dist, margin=1.0):
     return y * d**2 + (1 - y) * np.maximum(margin - d, 0.0) ** 2
 
 
-# --- Miners: sets of (anchor, reference) pairs ----------------------------------
+# --- Miners: sets of (anchor, reference) pairs
 
 
-def mine_threshold(sim, lists, pos_threshold=None, neg_threshold=None, form="similarity"):
+def mine_threshold(
+    sim, lists, pos_threshold=None, neg_threshold=None, form="similarity"
+):
     pos_set, neg_set = set(), set()
     d = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
     for i, (pos, neg) in enumerate(lists):
         for j in pos:
             if pos_threshold is None or (
-                sim[i, j] < pos_threshold if form == "similarity" else d[i, j] > pos_threshold
+                sim[i, j] < pos_threshold
+                if form == "similarity"
+                else d[i, j] > pos_threshold
             ):
                 pos_set.add((i, j))
         for k in neg:
             if neg_threshold is None or (
-                sim[i, k] > neg_threshold if form == "similarity" else d[i, k] < neg_threshold
+                sim[i, k] > neg_threshold
+                if form == "similarity"
+                else d[i, k] < neg_threshold
             ):
                 neg_set.add((i, k))
     return pos_set, neg_set
@@ -447,7 +486,11 @@ def mine_threshold(sim, lists, pos_threshold=None, neg_threshold=None, form="sim
 
 def mine_semi_hard(sim, lists, margin=0.2, form="distance"):
     """Brute force over triplets: pairs in at least one semi-hard triplet."""
-    d = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0)) if form == "distance" else -sim
+    d = (
+        np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
+        if form == "distance"
+        else -sim
+    )
     pos_set, neg_set = set(), set()
     for i, (pos, neg) in enumerate(lists):
         for j in pos:

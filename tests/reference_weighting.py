@@ -79,7 +79,13 @@ def ms_weights(sim, lists, alpha=2.0, beta=40.0, base=0.5, coefficient=1.0):
 
 
 def binomial_deviance(
-    emb, labels, ref=None, ref_labels=None, alpha=2.0, beta=0.5, cost=25.0,
+    emb,
+    labels,
+    ref=None,
+    ref_labels=None,
+    alpha=2.0,
+    beta=0.5,
+    cost=25.0,
     reduction="mean",
 ):
     sim = cosine(emb, ref)
@@ -151,12 +157,19 @@ def gaussian_pdf(x, mu, sigma):
     )
 
 
-# --- OSM + CAA -----------------------------------------------------------------
+# --- OSM + CAA ---
 
 
 def weighted_contrastive(
-    f, labels, probs=None, margin=1.2, sigma=0.8, lambda_=0.5,
-    official_code=False, caa_sigma=0.68, use_caa=True,
+    f,
+    labels,
+    probs=None,
+    margin=1.2,
+    sigma=0.8,
+    lambda_=0.5,
+    official_code=False,
+    caa_sigma=0.68,
+    use_caa=True,
 ):
     """Unordered pairs i < j, literally; f are the embeddings used as is.
 
@@ -192,9 +205,7 @@ def weighted_contrastive(
 def weighted_contrastive_grad(f, labels, probs=None, margin=1.2, **kw):
     """Caffe backward: Σ_k ŵ_k / P · ∂(½[y d² + (1-y)(m-d)₊²])/∂f."""
     f = np.asarray(f, np.float64)
-    _, rows, w_hat = weighted_contrastive(
-        f, labels, probs, margin=margin, **kw
-    )
+    _, rows, w_hat = weighted_contrastive(f, labels, probs, margin=margin, **kw)
     g = np.zeros_like(f)
     for (i, j, d, y, _), w in zip(rows, w_hat):
         diff = f[i] - f[j]

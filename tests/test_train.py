@@ -199,3 +199,18 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         _weights(b / "final_encoder.keras"),
     ):
         np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.slow
+def test_demo_tiny(tmp_path, capsys):
+    from tfdml import demo
+
+    status = demo.main(["--tiny", "--out", str(tmp_path / "demo")])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "| map@r |" in out and "export_precision@5" in out
+    assert "run folder:" in out and "export:" in out
+    run = tmp_path / "demo" / "run"
+    assert (run / "eval_test.json").exists()
+    assert (run / "plots" / "recall_at_k.png").exists()
+    assert (tmp_path / "demo" / "export" / "tfdml" / "1").is_dir()

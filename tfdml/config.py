@@ -198,8 +198,9 @@ SCHEMA = {
         "augmentation": Field(
             str, "none", _choice("none", "crop_flip", "flip"), doc=""
         ),
-        "eval_max_per_class": Field(
-            int, None, _ge(1), nullable=True, doc="cap per class at eval"
+        "num_classes": Field(int, 24, _ge(4), doc="synthetic: classes"),
+        "images_per_class": Field(
+            int, 10, _ge(2), doc="synthetic: images per class"
         ),
     },
     "model": {
@@ -282,7 +283,9 @@ SCHEMA = {
     "export": {
         "enabled": Field(bool, False, doc="write RUN_DIR/export at the end"),
         "dir": Field(str, None, nullable=True, doc="default RUN_DIR/export"),
-        "index": Field(str, "bruteforce", _choice("bruteforce", "scann")),
+        "index": Field(
+            str, "bruteforce", _choice("bruteforce", "scann", "both")
+        ),
     },
 }
 

@@ -35,6 +35,8 @@ import shutil
 import sys
 import time
 
+import numpy as np
+
 from tfdml import config as config_lib
 from tfdml.config import ConfigError
 
@@ -134,6 +136,9 @@ def build_registry_object(cfg, section, base):
 def build_loss(cfg):
     """The pair loss with its miner and weighting from the config."""
     import tfdml.losses  # noqa: F401  (registers every loss)
+
+    if cfg["meta"]["method"] == "mmsi":
+        import tfdml.meta  # noqa: F401  (registers the MMSI base losses)
     from tfdml import mining
     from tfdml import registry
     from tfdml import weighting
@@ -200,32 +205,131 @@ def _plain(value):
 
 
 class Data:
-    """Class-disjoint splits: ``train``/``val``/``test`` plus metadata."""
+    """Class-disjoint splits of one source (``tfdml.data``).
+
+    Attributes:
+      source: the :class:`tfdml.data.Source`.
+      splits: ``{"train", "val", "test"}`` -> sorted original class ids.
+      num_train_classes: training batches carry labels remapped to
+        ``[0, num_train_classes)`` (classification head, IAA, MMSI).
+    """
 
     def __init__(self, cfg):
         from tfdml import data as data_lib
 
         self.cfg = cfg
-        dcfg = dict(cfg["data"])
+        d, m = cfg["data"], cfg["model"]
+        self.image_size, self.channels = m["image_size"], m["channels"]
         try:
             self.source = data_lib.source_from_config(
-                dcfg,
-                image_size=cfg["model"]["image_size"],
-                channels=cfg["model"]["channels"],
+                dict(d), self.image_size, self.channels
             )
         except (TypeError, ValueError) as e:
-            raise ConfigError("data", str(e)) from None
+            raise ConfigError(_spec_key("data", d, str(e)), str(e)) from None
         try:
             self.splits = data_lib.split_classes(
-                self.source.classes,
-                test_fraction=dcfg["test_fraction"],
-                val_classes=dcfg["val_classes"],
+                self.source.labels,
+                test_fraction=d["test_fraction"],
+                val_classes=d["val_classes"],
                 seed=cfg["train"]["seed"],
             )
+            data_lib.make_augmentation(d["augmentation"])
         except ValueError as e:
-            raise ConfigError("data.val_classes", str(e)) from None
-        self.train_classes = list(self.splits["train"])
-        self.num_train_classes = len(self.train_classes)
+            raise ConfigError(_spec_key("data", d, str(e)), str(e)) from None
+        self.num_train_classes = len(self.splits["train"])
+        labels = np.asarray(self.source.labels)
+        remap = np.full(int(labels.max()) + 1, -1, np.int32)
+        remap[np.asarray(self.splits["train"])] = np.arange(
+            self.num_train_classes, dtype=np.int32
+        )
+        self._remap = remap
+
+    def _train_labels(self, ds):
+        import tensorflow as tf
+
+        table = tf.constant(self._remap)
+        return ds.map(
+            lambda x, y: (x, tf.gather(table, tf.cast(y, tf.int32))),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
+    def train_batches(
+        self, seed, classes_per_batch=None, samples_per_class=None
+    ):
+        """Infinite P x K batches drawn with ``seed`` only (a new pipeline
+        per epoch, so resuming at any epoch replays the same batches)."""
+        from tfdml import data as data_lib
+
+        d = self.cfg["data"]
+        p = classes_per_batch or d["classes_per_batch"]
+        k = samples_per_class or d["samples_per_class"]
+        if k == 1:
+            return self._one_per_class(p, seed)
+        ds = data_lib.balanced_dataset(
+            self.source,
+            self.splits["train"],
+            p,
+            k,
+            self.image_size,
+            self.channels,
+            seed=seed,
+            augment=d["augmentation"],
+        )
+        return self._train_labels(ds)
+
+    def _one_per_class(self, p, seed):
+        """K = 1 batches (MMSI's validation stream, from training classes)."""
+        import tensorflow as tf
+
+        from tfdml import data as data_lib
+
+        steps = self.cfg["train"]["steps_per_epoch"]
+        rng = np.random.default_rng(seed)
+        labels = np.asarray(self.source.labels)
+        classes = np.asarray(self.splits["train"])
+        pools = {int(c): np.flatnonzero(labels == c) for c in classes}
+        idx = [
+            rng.choice(pools[int(c)])
+            for _ in range(steps)
+            for c in rng.choice(classes, size=p, replace=False)
+        ]
+        size, ch = self.image_size, self.channels
+        ds = self.source.dataset(np.asarray(idx, np.int64)).map(
+            lambda x, y: (data_lib.preprocess(x, size, ch), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return self._train_labels(ds.batch(p, drop_remainder=True)).repeat()
+
+    def eval_dataset(self, split, batch_size):
+        """Finite ``(float32 images, int32 labels)`` batches of a split."""
+        from tfdml import data as data_lib
+
+        ds = data_lib.eval_dataset(
+            self.source,
+            self.splits[split],
+            batch_size,
+            self.image_size,
+            self.channels,
+            max_per_class=self.cfg["data"]["eval_max_per_class"],
+        )
+        return self._train_labels(ds) if split == "train" else ds
+
+    def estimation_dataset(self, batch_size):
+        """Unshuffled training images (IAA re-estimation)."""
+        return self.eval_dataset("train", batch_size)
+
+    def arrays(self, split, limit=None):
+        """``(float32 images [N, H, W, C] in [0, 1], int32 labels)``."""
+        xs, ys, n = [], [], 0
+        for x, y in self.eval_dataset(split, 256):
+            xs.append(np.asarray(x, np.float32))
+            ys.append(np.asarray(y, np.int32))
+            n += len(xs[-1])
+            if limit is not None and n >= limit:
+                break
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
 def check_data(cfg, data):
@@ -320,8 +424,26 @@ def validate_objects(cfg):
                 "memory",
                 "augmenter",
                 "classification_loss_weight",
+                "base_loss",
+                "num_classes",
+                "dictionary",
             ),
         )[0]
+        from tfdml.meta.forms import MMSIPairLoss
+
+        if not isinstance(built.loss, MMSIPairLoss):
+            raise ConfigError(
+                "loss.name",
+                "meta.method=mmsi needs an MMSI base loss "
+                "(MMSIContrastiveLoss, MMSIMultiSimilarityLoss, "
+                f"MMSITripletLoss); received {cfg['loss']['name']!r}",
+            )
+        if cfg["memory"]["size"] or cfg["augment"]["method"] != "none":
+            raise ConfigError(
+                "meta.method",
+                "MMSI uses its own class dictionary; set memory.size=0 and "
+                "augment.method=none",
+            )
     elif set(cfg["meta"]) - set(config_lib.SCHEMA["meta"]):
         raise ConfigError("meta", "meta options given but meta.method is none")
     if cfg["augment"]["method"] == "iaa":
@@ -408,9 +530,10 @@ def run_dir_of(cfg, config_path=None):
 def _comparable(cfg):
     """Config without the keys that may change between resumes."""
     out = json.loads(json.dumps(cfg))
-    out["train"].pop("overwrite", None)
-    out["train"].pop("verbose", None)
-    out["train"].pop("debug_inject_nan_at_step", None)
+    train = out.get("train")
+    if isinstance(train, dict):
+        for key in ("overwrite", "verbose", "debug_inject_nan_at_step"):
+            train.pop(key, None)
     return out
 
 
@@ -822,6 +945,7 @@ def _train(cfg, built, run_dir, mode):
             steps_per_epoch=train["steps_per_epoch"],
             callbacks=callbacks,
             verbose=train["verbose"],
+            shuffle=False,
         )
         print(f"training took {time.time() - t0:.1f} s")
     if state.nan is not None:
@@ -988,9 +1112,14 @@ def build_model(cfg, built, strategy=None):
             "meta",
             MMSIModel,
             encoder=parts.encoder,
-            **common,
+            base_loss=built.loss,
+            num_classes=built.data.num_train_classes,
+            classification_loss_weight=common["classification_loss_weight"],
             **built.meta_kwargs,
         )
+        dictionary = getattr(parts.model, "dictionary", None)
+        parts.state_objects.append(dictionary)
+        parts.describe["mmsi_dictionary"] = dictionary
     else:
         parts.model = _construct(
             "model", models.DMLModel, encoder=parts.encoder, **common
@@ -1133,8 +1262,12 @@ def _plots(cfg, run_dir, emb, x, y, report):
         },
         os.path.join(out, "recall_at_k.png"),
     )
-    plots.plot_retrieval_grid(
-        emb, y, x, os.path.join(out, "retrieval_grid.png")
+    plots.retrieval_grid_from_embeddings(
+        emb,
+        y,
+        x,
+        os.path.join(out, "retrieval_grid.png"),
+        seed=cfg["train"]["seed"],
     )
 
 
@@ -1142,14 +1275,16 @@ def export_encoder(cfg, run_dir, encoder, db_emb, db_labels):
     from tfdml import export as export_lib
 
     out = cfg["export"]["dir"] or os.path.join(run_dir, "export")
-    export_lib.export_saved_model(
+    index = cfg["export"]["index"]
+    written = export_lib.export_saved_model(
         encoder,
         out,
         database=db_emb,
         database_labels=db_labels,
-        index=cfg["export"]["index"],
+        index="brute_force" if index == "bruteforce" else index,
     )
-    return out
+    print(f"exported SavedModel(s): {written}")
+    return written
 
 
 def _print_summary(report):

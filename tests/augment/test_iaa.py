@@ -72,9 +72,9 @@ def np_neighbors(mean, var, n, k, beta, gamma, tau, official):
         if official:
             dmn = (dm_s - dm_s.min()) / (dm_s.max() - dm_s.min())
             dcn = (dcv - dcv.min()) / (dcv.max() - dcv.min())
-            w = np.exp(-dmn[idx] ** 2 / 2 - dcn[idx] ** 2 / 2) * n[idx]
+            w = np.exp(-(dmn[idx] ** 2) / 2 - dcn[idx] ** 2 / 2) * n[idx]
         else:
-            w = np.exp(-dm[idx] ** 2 / 2 - dcv[idx] ** 2 / 2) * n[idx]
+            w = np.exp(-(dm[idx] ** 2) / 2 - dcv[idx] ** 2 / 2) * n[idx]
             w = w * ~excl[idx]
         w = w / w.sum()
         nb = (w[:, None] * var[idx]).sum(0)
@@ -227,9 +227,7 @@ def test_adaptive_weight_table():
     np.testing.assert_allclose(paper[:7], strict[:7])
     np.testing.assert_allclose(paper[7], 1 / (1 + np.log(4.9)), rtol=1e-12)
     assert paper[8] == 0.0
-    np.testing.assert_allclose(
-        paper, [np_a(v) for v in n], rtol=1e-12, atol=0
-    )
+    np.testing.assert_allclose(paper, [np_a(v) for v in n], rtol=1e-12, atol=0)
 
 
 # --- 4. neighbour correction ----------------------------------------------
@@ -326,7 +324,7 @@ def test_estimator_applies_correction_only_in_paper_mode(official):
         assert (sampled[n == 1] > 0).all()  # singletons get a variance
 
 
-# --- 5-7. synthesis ------------------------------------------------------------
+# --- 5-7. synthesis ---------------------------------------------------
 
 
 def test_mask_own_copies_excluded_other_copies_positive():
@@ -401,8 +399,9 @@ def test_empirical_std_paper_and_official_patterns():
     raw = np.random.default_rng(5).normal(size=(n, 3)).astype(np.float32)
     lam = 0.6
     for official in (False, True):
-        aug = IAAugmenter(est, num_copies=3, lam=lam, seed=1,
-                          official_code=official)
+        aug = IAAugmenter(
+            est, num_copies=3, lam=lam, seed=1, official_code=official
+        )
         diff = aug.sample(raw, labels).numpy() - raw[None]
         for m in range(3):
             for c in range(2):
@@ -420,7 +419,9 @@ def test_empirical_std_paper_and_official_patterns():
 def test_gradient_flows_through_z_not_sigma():
     est = fitted_estimator()
     aug = IAAugmenter(est, num_copies=2, lam=0.5, seed=3)
-    raw = tf.Variable(np.random.default_rng(0).normal(size=(4, DIM)).astype("f"))
+    raw = tf.Variable(
+        np.random.default_rng(0).normal(size=(4, DIM)).astype("f")
+    )
     target = np.random.default_rng(1).normal(size=(8, DIM)).astype("f")
     with tf.GradientTape() as tape:
         emb, *_ = aug.synthesize(raw, [0, 1, 2, 3], [0, 1, 2, 3])
@@ -467,8 +468,9 @@ def test_xla_synthesis_matches_eager():
 def test_disabled_augmenter_adds_no_rows():
     est = IAAEstimator(4, DIM)
     aug = IAAugmenter(est, enabled=False)
-    emb, lab, ids, owner = aug.synthesize(np.ones((3, DIM), "f"), [0, 1, 2],
-                                          [0, 1, 2])
+    emb, lab, ids, owner = aug.synthesize(
+        np.ones((3, DIM), "f"), [0, 1, 2], [0, 1, 2]
+    )
     assert emb.shape == (0, DIM) and lab.shape == (0,) and ids.shape == (0,)
 
 
@@ -488,7 +490,8 @@ def test_every_pair_loss_with_memory_fit_xla_matches_eager(name):
             dense_encoder(), memory=CrossBatchMemory(20, DIM), augmenter=aug
         )
         model.compile(
-            optimizer=keras.optimizers.SGD(0.05), loss=loss_cls(),
+            optimizer=keras.optimizers.SGD(0.05),
+            loss=loss_cls(),
             jit_compile=jit,
         )
         refresh = IAARefresh(
@@ -496,10 +499,17 @@ def test_every_pair_loss_with_memory_fit_xla_matches_eager(name):
             start_epoch=1,
             every_n_epochs=1,
         )
-        hist = model.fit(x, y, batch_size=8, epochs=3, shuffle=False,
-                         verbose=0, callbacks=[refresh])
-        assert refresh.refreshed_epochs == [1, 2]
-        assert aug.enabled and int(aug.step.numpy()) == 8  # epochs 2 and 3
+        hist = model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            callbacks=[refresh],
+        )
+        assert refresh.refreshed_epochs == [1]
+        assert aug.enabled and int(aug.step.numpy()) == 4  # epoch 2 only
         histories.append((hist.history["loss"], model.encoder.get_weights()))
     (l0, w0), (l1, w1) = histories
     assert np.isfinite(l0).all()
@@ -539,7 +549,9 @@ def test_refresh_callback_schedule_estimate_and_lambda():
         cb.set_model(model)
     assert [e for e in range(12) if paper.should_refresh(e)] == [0, 4, 8]
     assert [e for e in range(36) if official.should_refresh(e)] == [
-        30, 32, 34,
+        30,
+        32,
+        34,
     ]
     official.on_train_begin()
     assert not aug.enabled  # nothing estimated yet: the plain step
@@ -554,7 +566,12 @@ def test_refresh_callback_schedule_estimate_and_lambda():
     _, _, var = np_pass_stats(raw, y, 4)
     np.testing.assert_allclose(est.variance.numpy(), var, rtol=1e-4)
     assert [official_lambda(1.0, e, 100) for e in (40, 41, 60, 61, 80, 81)] == [
-        1.0, 0.9, 0.9, 0.75, 0.75, 0.6,
+        1.0,
+        0.9,
+        0.9,
+        0.75,
+        0.75,
+        0.6,
     ]
 
 
@@ -588,9 +605,17 @@ def test_checkpoint_save_restore_estimator_state(tmp_path):
         else:
             tf.train.Checkpoint(model=other).read(ckpt_dir).assert_consumed()
         o = other.augmenter.estimator
-        for name in ("mean", "variance", "amount", "counts",
-                     "sampling_variance", "neighbor_variance",
-                     "global_variance", "class_weight", "num_updates"):
+        for name in (
+            "mean",
+            "variance",
+            "amount",
+            "counts",
+            "sampling_variance",
+            "neighbor_variance",
+            "global_variance",
+            "class_weight",
+            "num_updates",
+        ):
             np.testing.assert_array_equal(
                 getattr(o, name).numpy(), getattr(est, name).numpy()
             )

@@ -31,7 +31,7 @@ def launch(mode, out, env=None):
     )
 
 
-def finish(proc, timeout=240):
+def finish(proc, timeout=600):
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

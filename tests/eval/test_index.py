@@ -20,9 +20,9 @@ def exact(q, db, k):
 
 def clustered(n, d, clusters, seed, noise=0.3):
     rng = np.random.default_rng(seed)
-    c = rng.normal(size=(clusters, d))
+    c = rng.normal(size=(clusters, d)).astype(np.float32)
     lab = rng.integers(0, clusters, n)
-    x = c[lab] + noise * rng.normal(size=(n, d))
+    x = c[lab] + noise * rng.standard_normal((n, d), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), lab
 
@@ -67,8 +67,8 @@ def test_scann_small_exact_and_save_load(tmp_path):
 
 def test_scann_recall_100k_clustered():
     d = 128
-    db, _ = clustered(100_000, d, 1000, 4)
-    q, _ = clustered(1000, d, 1000, 4)  # same centres, new points
+    x, _ = clustered(101_000, d, 1000, 4)
+    db, q = x[:100_000], x[100_000:]  # same centres, queries not in db
     t = time.time()
     index = ScaNNIndex(db, k=10)
     build = time.time() - t
@@ -83,8 +83,7 @@ def test_retrieval_metrics_scann_mode():
     ex = retrieval_metrics(x, y, ks=(1, 4))
     ap = retrieval_metrics(x, y, ks=(1, 4), method="scann", scann_sample=200)
     assert ap["index_recall@10"] == pytest.approx(1.0)  # brute-force scorer
-    for key in ("recall@1", "recall@4", "precision@1", "r_precision",
-                "map@r"):
+    for key in ("recall@1", "recall@4", "precision@1", "r_precision", "map@r"):
         assert ap[key] == pytest.approx(ex[key], abs=1e-6), key
     assert ap["num_queries"] == ex["num_queries"]
 

@@ -55,8 +55,9 @@ def assert_same(got, want):
         if isinstance(v, int):
             assert got[k] == v, (k, got[k], v)
         else:
-            np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=1e-12,
-                                       err_msg=k)
+            np.testing.assert_allclose(
+                got[k], v, rtol=1e-9, atol=1e-12, err_msg=k
+            )
 
 
 def clustered(seed, n, classes, dim, noise=1.0):
@@ -67,11 +68,28 @@ def clustered(seed, n, classes, dim, noise=1.0):
     return x.astype(np.float32), y
 
 
-@pytest.mark.parametrize("block,ref_block", [(1024, 32768), (7, 13), (1, 5)])
-def test_random_self_retrieval(block, ref_block):
+@pytest.mark.parametrize(
+    "block,ref_block,sparse_limit",
+    [
+        (1024, 32768, 1 << 24),
+        (7, 13, 1 << 24),
+        (1, 5, 1 << 24),
+        (7, 13, 0),
+        (1024, 32768, 0),
+        (16, 40, 60),
+    ],
+)
+def test_random_self_retrieval(block, ref_block, sparse_limit):
+    # sparse_limit 0: every chunk takes the dense path; 60: a mix.
     x, y = clustered(0, 97, 9, 6, noise=1.5)
-    got = retrieval_metrics(x, y, ks=(1, 3, 5, 50), block_size=block,
-                            ref_block_size=ref_block)
+    got = retrieval_metrics(
+        x,
+        y,
+        ks=(1, 3, 5, 50),
+        block_size=block,
+        ref_block_size=ref_block,
+        sparse_limit=sparse_limit,
+    )
     assert_same(got, reference(x, y, ks=(1, 3, 5, 50)))
     assert 0 < got["map"] < 1
 
@@ -81,11 +99,20 @@ def test_query_differs_from_reference_and_k_larger_than_class():
     r, rl = clustered(2, 71, 8, 5)  # classes 6, 7 only in refs
     ql[:3] = 99  # no reference of this label -> excluded
     ks = (1, 2, 30, 100)
-    got = retrieval_metrics(q, ql, r, rl, ks=ks, block_size=9,
-                            ref_block_size=10)
     want = reference(q, ql, r, rl, ks=ks)
     assert want["num_excluded"] == 3
-    assert_same(got, want)
+    for limit in (0, 1 << 24):
+        got = retrieval_metrics(
+            q,
+            ql,
+            r,
+            rl,
+            ks=ks,
+            block_size=9,
+            ref_block_size=10,
+            sparse_limit=limit,
+        )
+        assert_same(got, want)
 
 
 def test_ties_and_duplicates_dyadic():
@@ -96,13 +123,20 @@ def test_ties_and_duplicates_dyadic():
     x[x.sum(1) == 0] = [1, 0, 0]  # no zero vectors
     x[np.abs(x).sum(1) == 0] = [1, 0, 0]
     y = rng.integers(0, 4, 60)
-    got = retrieval_metrics(x, y, normalize=False, block_size=8,
-                            ref_block_size=11)
     want = reference(x, y, normalize=False)
-    assert_same(got, want)
+    for limit in (0, 1 << 24):
+        got = retrieval_metrics(
+            x,
+            y,
+            normalize=False,
+            block_size=8,
+            ref_block_size=11,
+            sparse_limit=limit,
+        )
+        assert_same(got, want)
     # Many exact ties exist, and they change the result if broken otherwise.
     s = x @ x.T
-    assert (np.sum(s[0] == s[0][:, None]) > 60)
+    assert np.sum(s[0] == s[0][:, None]) > 60
     r2, l2 = x[::-1].copy(), y[::-1].copy()
     assert_same(
         retrieval_metrics(x, y, r2, l2, normalize=False, block_size=5),
@@ -111,8 +145,13 @@ def test_ties_and_duplicates_dyadic():
     # All-identical embeddings: the ranking is pure index order.
     same = np.ones((10, 4), np.float32)
     lab = np.array([0, 1, 0, 1, 1, 0, 2, 2, 0, 1])
-    assert_same(retrieval_metrics(same, lab, block_size=3, ref_block_size=4),
-                reference(same, lab))
+    for limit in (0, 1 << 24):
+        assert_same(
+            retrieval_metrics(
+                same, lab, block_size=3, ref_block_size=4, sparse_limit=limit
+            ),
+            reference(same, lab),
+        )
 
 
 def test_lone_labels_and_all_excluded():
@@ -122,8 +161,9 @@ def test_lone_labels_and_all_excluded():
     assert got["num_queries"] == 0 and got["num_excluded"] == 12
     assert np.isnan(got["map@r"])
     y = np.array([0, 0, 0, 1, 2, 3, 1, 1, 4, 5, 6, 6])
-    assert_same(retrieval_metrics(x, y, ks=(1, 20)),
-                reference(x, y, ks=(1, 20)))
+    assert_same(
+        retrieval_metrics(x, y, ks=(1, 20)), reference(x, y, ks=(1, 20))
+    )
 
 
 def test_exclude_self_with_reference_set_of_other_labels():
@@ -131,9 +171,12 @@ def test_exclude_self_with_reference_set_of_other_labels():
     r = q + 0.01
     rl = ql.copy()
     rl[::4] = (rl[::4] + 1) % 4  # reference i may have another label
-    got = retrieval_metrics(q, ql, r, rl, exclude_self=True)
     want = reference(q, ql, r, rl, exclude_self=True)
-    assert_same(got, want)
+    for limit in (0, 1 << 24):
+        got = retrieval_metrics(
+            q, ql, r, rl, exclude_self=True, sparse_limit=limit
+        )
+        assert_same(got, want)
 
 
 def test_perfect_and_known_values():
@@ -141,8 +184,14 @@ def test_perfect_and_known_values():
     x = np.eye(3, dtype=np.float32)[y] + 0.0
     x += np.arange(12)[:, None] * 1e-3 * np.array([[0.1, 0.2, 0.3]])
     got = retrieval_metrics(x, y)
-    for key in ("recall@1", "precision@1", "r_precision", "map@r", "map",
-                "mrr"):
+    for key in (
+        "recall@1",
+        "precision@1",
+        "r_precision",
+        "map@r",
+        "map",
+        "mrr",
+    ):
         assert got[key] == pytest.approx(1.0), key
     # One query whose only relevant item is ranked 3rd.
     nb = np.array([[1, 1, 0, 1]])

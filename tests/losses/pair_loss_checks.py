@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tests.conftest import edge_batches
 from tests.conftest import make_batch
 
 RTOL = 1e-5
@@ -16,7 +17,9 @@ ATOL = 1e-6
 
 
 def per_anchor_np(loss, emb, labels, **kwargs):
-    return loss.per_anchor(tf.constant(emb), tf.constant(labels), **kwargs).numpy()
+    return loss.per_anchor(
+        tf.constant(emb), tf.constant(labels), **kwargs
+    ).numpy()
 
 
 def check_matches_reference(loss, ref_fn, emb, labels, atol=ATOL):
@@ -65,7 +68,9 @@ def check_reference_set(loss, ref_fn):
         ids=tf.constant(ids),
         ref_ids=tf.constant(ids),
     )
-    np.testing.assert_allclose(got_ids, ref_fn(emb, labels), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        got_ids, ref_fn(emb, labels), rtol=RTOL, atol=ATOL
+    )
 
 
 def check_gradient_vs_finite_differences(loss, ref_fn, seed=11, eps=1e-5):
@@ -175,8 +180,27 @@ def check_bad_inputs(loss):
 def check_sample_weight(loss):
     emb, labels = make_batch(9)
     w = np.linspace(0.0, 2.0, len(labels)).astype(np.float32)
-    per = type(loss).from_config({**loss.get_config(), "reduction": None})(
-        labels, emb
-    ).numpy()
+    per = (
+        type(loss)
+        .from_config({**loss.get_config(), "reduction": None})(labels, emb)
+        .numpy()
+    )
     got = float(loss(labels, emb, sample_weight=w))
     np.testing.assert_allclose(got, (per * w).mean(), rtol=1e-5, atol=1e-6)
+
+
+EDGE_NAMES = tuple(edge_batches())  # "seeded", "duplicates", ...
+
+
+def case_batch_params(cases, full=()):
+    """(case, batch) pairs: every case on the seeded and duplicate batches,
+    the cases in ``full`` on every edge batch (keeps the suite fast)."""
+    pairs = []
+    for case in cases:
+        names = EDGE_NAMES if case in full else ("seeded", "duplicates")
+        pairs += [(case, name) for name in names]
+    return pairs
+
+
+def ids(pairs):
+    return [f"{a}-{b}" for a, b in pairs]

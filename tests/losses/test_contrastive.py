@@ -18,11 +18,16 @@ CASES = {
     "distance_pml": dict(pair_reduction="pml"),
     "similarity_default": dict(form="similarity"),
     "similarity_avg_nonzero": dict(
-        form="similarity", pos_margin=0.9, neg_margin=0.3,
+        form="similarity",
+        pos_margin=0.9,
+        neg_margin=0.3,
         pair_reduction="avg_nonzero",
     ),
 }
-RESOLVED = {"distance": (0.0, 1.0, "avg_nonzero"), "similarity": (0.8, 0.5, "sum")}
+RESOLVED = {
+    "distance": (0.0, 1.0, "avg_nonzero"),
+    "similarity": (0.8, 0.5, "sum"),
+}
 
 
 def build(case):
@@ -40,8 +45,12 @@ def build(case):
     return loss, ref_fn
 
 
-@pytest.mark.parametrize("batch", list(edge_batches()), ids=str)
-@pytest.mark.parametrize("case", list(CASES), ids=str)
+PAIRS = checks.case_batch_params(
+    CASES, full=("distance_default", "similarity_default")
+)
+
+
+@pytest.mark.parametrize("case, batch", PAIRS, ids=checks.ids(PAIRS))
 def test_matches_reference(case, batch):
     loss, ref_fn = build(case)
     emb, labels = edge_batches()[batch]
@@ -54,18 +63,24 @@ def test_reference_set_of_another_size(case):
 
 
 @pytest.mark.parametrize(
-    "case", ["distance_margins_sq", "similarity_default", "distance_pml"], ids=str
+    "case",
+    ["distance_margins_sq", "similarity_default", "distance_pml"],
+    ids=str,
 )
 def test_gradient_matches_finite_differences(case):
     checks.check_gradient_vs_finite_differences(*build(case))
 
 
-@pytest.mark.parametrize("case", ["distance_default", "similarity_default"], ids=str)
+@pytest.mark.parametrize(
+    "case", ["distance_default", "similarity_default"], ids=str
+)
 def test_no_valid_pairs_is_zero_with_finite_grad(case):
     checks.check_no_pairs_zero_finite_grad(build(case)[0])
 
 
-@pytest.mark.parametrize("case", ["distance_default", "similarity_default"], ids=str)
+@pytest.mark.parametrize(
+    "case", ["distance_default", "similarity_default"], ids=str
+)
 def test_graph_and_xla_match_eager(case):
     checks.check_xla_matches_eager(build(case)[0])
 
@@ -97,8 +112,15 @@ def test_bad_inputs_raise():
         (dict(pair_reduction="median"), "pair_reduction"),
         (dict(power=0.0), "power"),
     ],
-    ids=["neg_pos_margin", "neg_neg_margin", "sim_neg_margin", "sim_big",
-         "form", "reduction", "power"],
+    ids=[
+        "neg_pos_margin",
+        "neg_neg_margin",
+        "sim_neg_margin",
+        "sim_big",
+        "form",
+        "reduction",
+        "power",
+    ],
 )
 def test_bad_hyperparameters_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):
@@ -146,7 +168,7 @@ def test_miner_narrows_pairs():
         want[i] += max(0.0, 0.8 - sim[i, j])
     for i, k in neg_set:
         want[i] += max(0.0, sim[i, k] - 0.5)
-    got = ContrastiveLoss.from_config(
-        {**loss.get_config(), "reduction": None}
-    )(labels, emb).numpy()
+    got = ContrastiveLoss.from_config({**loss.get_config(), "reduction": None})(
+        labels, emb
+    ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

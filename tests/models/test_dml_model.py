@@ -56,10 +56,10 @@ def ms_reference(emb, labels, ids, ref, ref_labels, ref_ids):
 
 def test_fit_smoke_small_cnn_with_callbacks(tmp_path):
     rng = np.random.default_rng(0)
-    x = rng.random((32, 16, 16, 1)).astype(np.float32)
+    x = rng.random((32, 8, 8, 1)).astype(np.float32)
     y = (np.arange(32) % 4).astype(np.int32)
     for memory in (None, CrossBatchMemory(20, 8)):
-        encoder = build_embedding_model((16, 16, 1), embedding_dim=8)
+        encoder = build_embedding_model((8, 8, 1), embedding_dim=8)
         model = DMLModel(encoder, memory=memory)
         model.compile(optimizer="adam", loss=MultiSimilarityLoss())
         hist = model.fit(
@@ -315,11 +315,11 @@ def test_bad_arguments_raise(kwargs, arg):
 def test_mixed_precision_step():
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        encoder = build_embedding_model((16, 16, 1), embedding_dim=8)
+        encoder = build_embedding_model((8, 8, 1), embedding_dim=8)
         model = DMLModel(encoder, memory=CrossBatchMemory(16, 8))
         model.compile(optimizer="adam", loss=MultiSimilarityLoss())
         rng = np.random.default_rng(0)
-        x = rng.random((8, 16, 16, 1)).astype(np.float32)
+        x = rng.random((8, 8, 8, 1)).astype(np.float32)
         y = (np.arange(8) % 2).astype(np.int32)
         logs = model.train_on_batch(x, y, return_dict=True)
         assert np.isfinite(logs["loss"])

@@ -522,7 +522,9 @@ class IAAEstimator(keras.layers.Layer):
             sigma_cv=self.sigma_cv,
             official_code=self.official_code,
         )
-        self.neighbor_variance.assign(tf.cast(out["neighbor_variance"], tf.float32))
+        self.neighbor_variance.assign(
+            tf.cast(out["neighbor_variance"], tf.float32)
+        )
         self.global_variance.assign(tf.cast(out["global_variance"], tf.float32))
         self.class_weight.assign(tf.cast(out["class_weight"], tf.float32))
         if self.applies_correction:
@@ -760,7 +762,9 @@ class IAARefresh(keras.callbacks.Callback):
         self.dataset = dataset
         self._start = start_epoch
         self._every = every_n_epochs
-        self.epochs = None if epochs is None else _positive_int("epochs", epochs)
+        self.epochs = (
+            None if epochs is None else _positive_int("epochs", epochs)
+        )
         self._schedule = lambda_schedule
         self._official = official_code
         if start_epoch is not None:
@@ -844,7 +848,9 @@ class IAARefresh(keras.callbacks.Callback):
                 )
             if self.base_lam is None:
                 self.base_lam = float(aug.lam.numpy())
-            aug.lam.assign(official_lambda(self.base_lam, epoch + 1, self.epochs))
+            aug.lam.assign(
+                official_lambda(self.base_lam, epoch + 1, self.epochs)
+            )
         if self.should_refresh(epoch):
             self.refresh()
             self.refreshed_epochs.append(epoch)

@@ -144,14 +144,16 @@ def scann_builder(
     num_leaves_to_search=None,
     reorder=None,
     brute_force_below=20000,
-    training_sample_size=100000,
+    training_sample_size=50000,
+    ah_training_sample_size=25000,
 ):
     """A configured ``scann_ops.builder`` (dot product).
 
     Galleries smaller than ``brute_force_below`` use ScaNN's exact brute
     force scorer; larger ones a partitioning tree (``num_leaves`` default
-    ``~sqrt(N)``) with anisotropic hashing and exact re-ordering of
-    ``reorder`` candidates (default ``max(100, 10 k)``).
+    ``~sqrt(N)``, trained on ``training_sample_size`` rows) with anisotropic
+    hashing (codebooks trained on ``ah_training_sample_size`` rows) and
+    exact re-ordering of ``reorder`` candidates (default ``max(100, 10 k)``).
     """
     scann_ops = import_scann_ops()
     n = len(embeddings)
@@ -166,7 +168,11 @@ def scann_builder(
             num_leaves_to_search=search,
             training_sample_size=min(n, training_sample_size),
         )
-        .score_ah(2, anisotropic_quantization_threshold=0.2)
+        .score_ah(
+            2,
+            anisotropic_quantization_threshold=0.2,
+            training_sample_size=min(n, ah_training_sample_size),
+        )
         .reorder(reorder or max(100, 10 * k))
     )
 

@@ -25,9 +25,10 @@ are bit-identical.
 Algorithm (exact, no ``N x N`` matrix): for a block of queries the scores of
 the relevant references are gathered (the members of the query's class) and
 sorted; then the reference set is streamed in chunks and every *negative*
-reference is placed by ``tf.searchsorted`` among the sorted relevant scores;
-a per-row ``bincount`` of these positions, accumulated over chunks, gives the
-exact rank of every relevant reference. Memory is
+reference scoring at least the query's lowest relevant score is placed by
+``tf.searchsorted`` among the sorted relevant scores; a ``bincount`` of these
+positions, accumulated over chunks, gives the exact rank of every relevant
+reference (the ranks give every metric, so no top-k list is needed). Memory is
 ``O(query_block * (ref_block + R_max * d))`` plus the inputs.
 """
 
@@ -159,35 +160,91 @@ def _relevant_scores(q, ql, qidx, refs, order, start, count, r_max):
     return neg_sorted, idx
 
 
+def _bucket_sparse(key, rows, cols, neg_sorted, rel_idx):
+    """Relevant items ranked before each listed negative (exact ties)."""
+    r_max = tf.shape(neg_sorted)[1]
+    ns = tf.gather(neg_sorted, rows)  # [T, r_max]
+    lo = tf.searchsorted(ns, key[:, None], side="left", out_type=tf.int32)
+    hi = tf.searchsorted(ns, key[:, None], side="right", out_type=tf.int32)
+    # Exact ties between a negative and relevant items: the relevant items
+    # with a lower reference index come first.
+    ar = tf.range(r_max)[None, :]
+    before = (ar >= lo) & (ar < hi)
+    before &= tf.gather(rel_idx, rows) < cols[:, None]
+    return lo[:, 0] + tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
+
+
+# Above this many (negative, relevant) comparisons the dense path is used.
+_SPARSE_LIMIT = 1 << 24
+
+
 @tf.function(reduce_retracing=True)
-def _count_chunk(q, ql, qidx, neg_sorted, rel_idx, refs_c, rl_c, offset):
-    """For each query and i, negatives of this chunk ranked before item i."""
+def _count_chunk(
+    q, ql, qidx, neg_sorted, rel_idx, refs_c, rl_c, offset, sparse_limit
+):
+    """For each query and i, negatives of this chunk ranked before item i.
+
+    Only negatives scoring at least the lowest relevant score of their query
+    can precede a relevant item, so these few are gathered and placed by a
+    binary search; when they are many (a poor embedding) every element of
+    the block is placed instead.
+    """
+    b = tf.shape(neg_sorted)[0]
     r_max = tf.shape(neg_sorted)[1]
     s = tf.matmul(q, refs_c, transpose_b=True)  # [B, C]
-    cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
-    neg = (ql[:, None] != rl_c[None, :]) & (cols[None, :] != qidx[:, None])
     key = -s
-    lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
-    hi = tf.searchsorted(neg_sorted, key, side="right", out_type=tf.int32)
-    tie = tf.where((hi > lo) & neg)
-    # Exact ties between a negative j and relevant items: those with a lower
-    # reference index come first.
-    lo_t = tf.gather_nd(lo, tie)
-    hi_t = tf.gather_nd(hi, tie)
-    col = tie[:, 1] + offset
-    p_rows = tf.gather(rel_idx, tie[:, 0])
-    ar = tf.range(r_max)[None, :]
-    before = (ar >= lo_t[:, None]) & (ar < hi_t[:, None])
-    before &= p_rows < col[:, None]
-    corr = tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
-    bucket = tf.tensor_scatter_nd_add(lo, tie, corr)
-    bucket = tf.where(neg, bucket, r_max + 1)
-    return tf.math.bincount(
-        bucket, minlength=r_max + 1, maxlength=r_max + 1, axis=-1
-    )
+    finite = tf.math.is_finite(neg_sorted)
+    worst = tf.reduce_max(tf.where(finite, neg_sorted, -np.inf), axis=1)
+    # Candidates (any label) first; the label test runs on the few only.
+    cand = key <= worst[:, None]
+    n_cand = tf.reduce_sum(tf.cast(cand, tf.int64))
+    nb = b * (r_max + 1)
+
+    def sparse():
+        idx = tf.where(cand)
+        is_neg = tf.gather(ql, idx[:, 0]) != tf.gather(rl_c, idx[:, 1])
+        is_neg &= idx[:, 1] + offset != tf.gather(qidx, idx[:, 0])
+        idx = tf.boolean_mask(idx, is_neg)
+        bucket = _bucket_sparse(
+            tf.gather_nd(key, idx),
+            idx[:, 0],
+            idx[:, 1] + offset,
+            neg_sorted,
+            rel_idx,
+        )
+        flat = tf.cast(idx[:, 0], tf.int32) * (r_max + 1) + bucket
+        c = tf.math.bincount(flat, minlength=nb, maxlength=nb)
+        return tf.reshape(c, [b, r_max + 1])
+
+    def dense():
+        cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
+        neg = ql[:, None] != rl_c[None, :]
+        neg &= cols[None, :] != qidx[:, None]
+        lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
+        # A tie exists iff the first threshold not below the key equals it.
+        pad = tf.fill([b, 1], tf.constant(np.inf, neg_sorted.dtype))
+        at = tf.gather(tf.concat([neg_sorted, pad], 1), lo, batch_dims=1)
+        tie = tf.where((at == key) & neg)
+        corr = _bucket_sparse(
+            tf.gather_nd(key, tie),
+            tie[:, 0],
+            tie[:, 1] + offset,
+            neg_sorted,
+            rel_idx,
+        ) - tf.gather_nd(lo, tie)
+        bucket = tf.tensor_scatter_nd_add(lo, tie, corr)
+        bucket = tf.where(neg, bucket, r_max + 1)
+        return tf.math.bincount(
+            bucket, minlength=r_max + 1, maxlength=r_max + 1, axis=-1
+        )
+
+    use_sparse = n_cand * tf.cast(r_max, tf.int64) <= sparse_limit
+    return tf.cond(use_sparse, sparse, dense)
 
 
-def _ranks_exact(q, ql, r, rl, exclude_self, block_size, ref_block):
+def _ranks_exact(
+    q, ql, r, rl, exclude_self, block_size, ref_block, sparse_limit
+):
     """[Nq, r_max] 1-based ranks of the relevant items (0 = no item)."""
     order, start, count, big_r, r_max = _class_tables(ql, rl, exclude_self)
     refs = tf.constant(r)
@@ -229,6 +286,7 @@ def _ranks_exact(q, ql, r, rl, exclude_self, block_size, ref_block):
                 refs[c0:c1],
                 rl_t[c0:c1],
                 tf.constant(c0, tf.int64),
+                tf.constant(sparse_limit, tf.int64),
             )
             counts = c if counts is None else counts + c
         before = np.cumsum(counts.numpy()[:, :r_max], axis=1)
@@ -349,8 +407,7 @@ def _scann_metrics(q, ql, r, rl, exclude_self, ks, sample, seed, scann_kw):
     exact = drop_self(search(BruteForceIndex(r, ids), q[pick]), pick)
     kk = min(10, k)
     hits = [
-        len(set(nb[p, :kk]) & set(exact[j, :kk]))
-        for j, p in enumerate(pick)
+        len(set(nb[p, :kk]) & set(exact[j, :kk])) for j, p in enumerate(pick)
     ]
     out[f"index_recall@{kk}"] = float(np.sum(hits) / (m * kk)) if m else 1.0
     out["index_recall_sample"] = int(m)
@@ -372,6 +429,7 @@ def retrieval_metrics(
     seed=0,
     scann_options=None,
     recall_at=None,
+    sparse_limit=_SPARSE_LIMIT,
 ):
     """Retrieval metrics of a query set against a reference set.
 
@@ -398,6 +456,9 @@ def retrieval_metrics(
       seed: sampling seed for the ScaNN check.
       scann_options: keyword arguments for :class:`ScaNNIndex`.
       recall_at: alias of ``ks`` (the config key ``eval.recall_at``).
+      sparse_limit: per chunk, the most (candidate negative x R_max)
+        comparisons done sparsely before the dense path is used (both are
+        exact; a tuning knob).
 
     Returns:
       dict with ``recall@K`` for each K, ``precision@1``, ``r_precision``,
@@ -425,7 +486,14 @@ def retrieval_metrics(
         if len(q) == 0:
             return metrics_from_ranks(np.zeros((0, 1)), np.zeros(0), ks)
         ranks, big_r = _ranks_exact(
-            q, ql, r, rl, ex, int(block_size), int(ref_block_size)
+            q,
+            ql,
+            r,
+            rl,
+            ex,
+            int(block_size),
+            int(ref_block_size),
+            int(sparse_limit),
         )
         return metrics_from_ranks(ranks, big_r, ks)
     if method == "scann":

@@ -23,9 +23,7 @@ def plot_recall_at_k(results_by_name, path, title="Recall@K"):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for name, m in results_by_name.items():
-        ks = sorted(
-            int(k.split("@")[1]) for k in m if k.startswith("recall@")
-        )
+        ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("recall@"))
         if not ks:
             raise ValueError(
                 f"`results_by_name[{name!r}]` has no recall@K keys; "
@@ -119,6 +117,10 @@ def retrieval_grid_from_embeddings(
     k = min(k, len(emb) - 1)
     nb = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return plot_retrieval_grid(
-        np.asarray(images)[pick], np.asarray(labels)[pick], images, labels,
-        nb, path
+        np.asarray(images)[pick],
+        np.asarray(labels)[pick],
+        images,
+        labels,
+        nb,
+        path,
     )

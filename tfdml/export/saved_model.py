@@ -134,9 +134,7 @@ def _shape_is(x, expected):
     same_rank = tf.size(s) == len(expected)
     padded = tf.concat([s, tf.zeros([len(expected)], tf.int32)], 0)
     head = padded[: len(expected)]
-    ok = [
-        tf.equal(head[i], e) for i, e in enumerate(expected) if e is not None
-    ]
+    ok = [tf.equal(head[i], e) for i, e in enumerate(expected) if e is not None]
     return tf.logical_and(same_rank, tf.reduce_all(tf.stack(ok)))
 
 
@@ -149,8 +147,10 @@ def _check_images(images, h, w, c):
     with tf.control_dependencies([rank]):
         size = tf.debugging.Assert(
             _shape_is(images, [None, h, w, c]),
-            [f"images: expected shape [batch, {h}, {w}, {c}]; got",
-             tf.shape(images)],
+            [
+                f"images: expected shape [batch, {h}, {w}, {c}]; got",
+                tf.shape(images),
+            ],
         )
     images = _after([rank, size], images)
     return tf.ensure_shape(images, [None, h, w, c])
@@ -187,8 +187,11 @@ def _decoder(h, w, c):
     def embed_input(image_bytes):
         rank = tf.debugging.Assert(
             tf.equal(tf.rank(image_bytes), 1),
-            ["image_bytes: expected rank 1 [batch] of encoded images; got "
-             "shape", tf.shape(image_bytes)],
+            [
+                "image_bytes: expected rank 1 [batch] of encoded images; got "
+                "shape",
+                tf.shape(image_bytes),
+            ],
         )
         with tf.control_dependencies([rank]):
             flat = tf.reshape(image_bytes, [-1])
@@ -196,8 +199,11 @@ def _decoder(h, w, c):
             jpg = tf.strings.substr(flat, 0, len(_JPEG)) == _JPEG
             fmt = tf.debugging.Assert(
                 tf.reduce_all(png | jpg),
-                ["image_bytes: every element must be a JPEG or PNG image; "
-                 "bad positions", tf.where(~(png | jpg))[:, 0]],
+                [
+                    "image_bytes: every element must be a JPEG or PNG image; "
+                    "bad positions",
+                    tf.where(~(png | jpg))[:, 0],
+                ],
             )
         image_bytes = _after([rank, fmt], flat)
         return tf.map_fn(
@@ -400,8 +406,9 @@ def export_saved_model(
     variants = ["brute_force", "scann"] if index == "both" else [index]
     written = {}
     for v in variants:
-        model_name = name + ("_scann" if index == "both" and v == "scann"
-                             else "")
+        model_name = name + (
+            "_scann" if index == "both" and v == "scann" else ""
+        )
         path = os.path.join(out_dir, model_name, str(int(version)))
         archive, options = build_archive(
             encoder, database, ids, v, k, scann_options

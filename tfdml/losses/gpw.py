@@ -36,10 +36,10 @@ from tfdml.losses.base import PairLoss
 from tfdml.losses.base import check_choice
 from tfdml.mining.basic import ThresholdMiner
 from tfdml.mining.multi_similarity import MultiSimilarityMiner
+from tfdml.weighting.basic import ConstantWeighting
 from tfdml.weighting.binomial import BinomialWeighting
 from tfdml.weighting.lifted import LiftedWeighting
 from tfdml.weighting.multi_similarity import MultiSimilarityWeighting
-from tfdml.weighting.basic import ConstantWeighting
 
 DISTANCES = ("cosine", "euclidean")
 
@@ -169,7 +169,9 @@ class GeneralPairWeightingLoss(PairLoss):
             epsilon=1e9 if epsilon is None else epsilon
         )
         weighting = MultiSimilarityWeighting(alpha, beta, base, coefficient)
-        return cls(miner=miner, weighting=weighting, distance=distance, **kwargs)
+        return cls(
+            miner=miner, weighting=weighting, distance=distance, **kwargs
+        )
 
     @classmethod
     def contrastive(
@@ -200,7 +202,9 @@ class GeneralPairWeightingLoss(PairLoss):
             space="distance" if form == "distance" else "similarity",
         )
         distance = "euclidean" if form == "distance" else "cosine"
-        return cls(miner=miner, weighting=weighting, distance=distance, **kwargs)
+        return cls(
+            miner=miner, weighting=weighting, distance=distance, **kwargs
+        )
 
     @classmethod
     def binomial(

@@ -33,21 +33,28 @@ over anchors is exactly ``L``.
 The probabilities: ``per_anchor(emb, labels, probs=p, ref_probs=p_ref)`` with
 ``p`` ``[B]`` the true-class softmax probabilities, or, with Keras'
 ``model.fit``, ``y_pred`` a dict ``{"embeddings": [B, d], "logits": [B,
-C]}``: ``p = softmax(logits)[y]`` is computed here, without gradient::
+C]}`` (other keys ignored): ``p = softmax(logits)[y]`` is computed here,
+without gradient. Keras gives a single loss to *each* output of a
+dict-output model, so nest the dict one level::
 
   inputs = keras.Input((16,))
   h = keras.layers.Dense(32, activation="relu")(inputs)
-  emb = keras.layers.UnitNormalization(name="emb")(keras.layers.Dense(8)(h))
+  emb = keras.layers.UnitNormalization()(keras.layers.Dense(8)(h))
   logits = keras.layers.Dense(num_classes)(h)
-  model = keras.Model(inputs, {"embeddings": emb, "logits": logits})
-  model.compile("adam", loss=WeightedContrastiveLoss())
-  model.fit(x, y)   # y: [B] int labels
+  model = keras.Model(
+      inputs, {"metric": {"embeddings": emb, "logits": logits},
+               "logits": logits})
+  model.compile("sgd", loss={
+      "metric": WeightedContrastiveLoss(),
+      "logits": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+  model.fit(x, {"metric": y, "logits": y})   # y: [B] int labels
 
-(the classification heads of the official model are trained with their own
-cross-entropy; add it with ``model.add_loss`` or use
-``tfdml.models.DMLModel(classification_loss_weight=...)``, which also feeds
-``probs`` to the loss.) Without probabilities, ``use_caa=False`` gives OSM
-alone; with ``use_caa=True`` missing probabilities raise ``ValueError``.
+(the official model trains its classification heads with their own
+(weighted) cross-entropy, as the second loss above;
+``tfdml.models.DMLModel(classification_loss_weight=...)`` does this and feeds
+``probs`` to :meth:`per_anchor` itself.) Without probabilities,
+``use_caa=False`` gives OSM alone; with ``use_caa=True`` missing
+probabilities raise ``ValueError``.
 """
 
 import tensorflow as tf
@@ -176,9 +183,7 @@ class WeightedContrastiveLoss(PairLoss):
         if "logits" in y_pred:
             labels, _ = ops.check_labels_embeddings(y_true, emb)
             p = tf.nn.softmax(tf.cast(y_pred["logits"], tf.float32), axis=-1)
-            probs = tf.stop_gradient(
-                tf.gather(p, labels, axis=1, batch_dims=1)
-            )
+            probs = tf.stop_gradient(tf.gather(p, labels, axis=1, batch_dims=1))
         return self.per_anchor(emb, y_true, probs=probs)
 
     def per_anchor(
@@ -242,7 +247,9 @@ class WeightedContrastiveLoss(PairLoss):
         if distance is None:
             distance = ops.distance_from_similarity(tf.cast(sim, tf.float32))
         if symmetric is None:
-            symmetric = sim.shape[0] is not None and sim.shape[0] == sim.shape[1]
+            symmetric = (
+                sim.shape[0] is not None and sim.shape[0] == sim.shape[1]
+            )
         attention = None
         if self.use_caa:
             if probs is None:

@@ -120,7 +120,7 @@ def _labels_1d(y_true):
     return y_true
 
 
-# -- functions with tfa's signatures ------------------------------------------
+# -- functions with tfa's signatures
 
 
 def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L_2"):
@@ -202,7 +202,7 @@ def tfa_contrastive_loss(y_true, y_pred, margin=1.0):
     )
 
 
-# -- classes --------------------------------------------------------------------
+# -- classes
 
 
 class _TfaEmbeddingLoss(PairLoss):
@@ -297,7 +297,9 @@ class TripletSemiHardLoss(_TfaEmbeddingLoss):
         return self.distance_metric
 
     def distance_loss(self, dist, pos_mask, neg_mask):
-        return triplet_semihard_per_anchor(dist, pos_mask, neg_mask, self.margin)
+        return triplet_semihard_per_anchor(
+            dist, pos_mask, neg_mask, self.margin
+        )
 
     def get_config(self):
         config = super().get_config()

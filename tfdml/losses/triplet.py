@@ -73,7 +73,9 @@ def triplet_margin(
         if w is not None:
             w_an = _weight_of(dist, neg_mask, d_an, w)
             loss = loss * w * w_an
-        return reduce_pairs(loss, tf.logical_and(pos_mask, exists), pair_reduction)
+        return reduce_pairs(
+            loss, tf.logical_and(pos_mask, exists), pair_reduction
+        )
     # Batch-hard.
     d_ap = ops.masked_max(dist, pos_mask)
     d_an = ops.masked_min(dist, neg_mask)
@@ -90,7 +92,9 @@ def triplet_margin(
 def _weight_of(dist, mask, chosen, w):
     # Weight of the chosen negative of each (anchor, positive): the weight of
     # the first negative whose distance equals the chosen one.
-    eq = tf.logical_and(mask[:, None, :], dist[:, None, :] == chosen[:, :, None])
+    eq = tf.logical_and(
+        mask[:, None, :], dist[:, None, :] == chosen[:, :, None]
+    )
     first = tf.argmax(tf.cast(eq, tf.int32), axis=2, output_type=tf.int32)
     return tf.stop_gradient(tf.gather(w, first, axis=1, batch_dims=1))
 

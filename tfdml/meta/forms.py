@@ -315,7 +315,10 @@ def get_base(spec):
         return spec
     if isinstance(spec, str) and spec in BASES:
         return BASES[spec]()
-    obj = registry.build(MMSIPairLoss, spec)
+    try:
+        obj = registry.build(MMSIPairLoss, spec)
+    except (TypeError, ValueError):
+        obj = None
     if not isinstance(obj, MMSIPairLoss):
         raise ValueError(
             "`base_loss` must be an MMSIPairLoss, one of "

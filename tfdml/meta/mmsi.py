@@ -150,6 +150,13 @@ def _embed(encoder, tv, ntv, x):
     return out, new_ntv
 
 
+def _batch_masks(labels, ids=None):
+    """Masks of the batch against itself; self-pairs excluded by id."""
+    if ids is None:
+        ids = tf.range(tf.shape(labels)[0], dtype=tf.int32)
+    return ops.pair_masks(labels, labels, ids, ids)
+
+
 def _zeros_for_none(grads, values):
     return [
         tf.zeros_like(v) if g is None else g for g, v in zip(grads, values)
@@ -184,7 +191,7 @@ def nested_raw_weights(
             out, _ = _embed(encoder, tv, ntv, x)
             e = tf.cast(out["embeddings"], tf.float32)
             sim = _similarity(base, e)
-            pos, neg = ops.pair_masks(labels, labels, ids, ids)
+            pos, neg = _batch_masks(labels, ids)
             sel = base.select(sim, pos, neg)
             eps = tf.zeros_like(sim)
             outer.watch(eps)
@@ -255,7 +262,7 @@ def fast_raw_weights(
     e_dot = acc.jvp(e, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     labels = tf.reshape(tf.cast(y, tf.int32), [-1])
     sim, ds = similarity_jvp(base, e, e_dot)
-    pos, neg = ops.pair_masks(labels, labels, ids, ids)
+    pos, neg = _batch_masks(labels, ids)
     sel = base.select(sim, pos, neg)
     raw = virtual_lr * base.coefficients(sim, sel) * ds
     return raw, sel, l_g
@@ -494,7 +501,8 @@ class MMSIModel(DMLModel):
                 var.assign(value)
             return tf.constant(0)
 
-        if replicas > 1:
+        if replicas > 1 or tf.distribute.has_strategy():
+            # No merge_call inside tf.cond: apply zero gradients instead.
             scale = tf.cast(applied, tf.float32)
             self.optimizer.apply([g * scale for g in grads], variables)
             return

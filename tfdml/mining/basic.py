@@ -54,7 +54,9 @@ class ThresholdMiner(Miner):
     Reference: PML ``PairMarginMiner`` (Musgrave et al., ECCV 2020).
     """
 
-    def __init__(self, pos_threshold=None, neg_threshold=None, form="similarity"):
+    def __init__(
+        self, pos_threshold=None, neg_threshold=None, form="similarity"
+    ):
         self.form = check_form(form)
         self.pos_threshold = _opt_float("pos_threshold", pos_threshold)
         self.neg_threshold = _opt_float("neg_threshold", neg_threshold)

@@ -5,6 +5,8 @@ from tfdml.weighting.base import get  # noqa: F401
 from tfdml.weighting.basic import ConstantWeighting  # noqa: F401
 from tfdml.weighting.binomial import BinomialWeighting  # noqa: F401
 from tfdml.weighting.lifted import LiftedWeighting  # noqa: F401
-from tfdml.weighting.multi_similarity import MultiSimilarityWeighting  # noqa: F401,E501
+from tfdml.weighting.multi_similarity import (  # noqa: F401
+    MultiSimilarityWeighting,
+)
 from tfdml.weighting.osm_caa import CAAWeighting  # noqa: F401
 from tfdml.weighting.osm_caa import OSMWeighting  # noqa: F401

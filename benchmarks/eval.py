@@ -1,0 +1,212 @@
+"""Benchmarks of tfdml.eval and the exported search endpoints.
+
+    python benchmarks/eval.py [--max-n 200000] [--scann-n 100000,1000000]
+        [--skip-metrics] [--skip-scann] [--skip-endpoints]
+
+Prints Markdown tables:
+
+1. exact ``retrieval_metrics`` at N = 20k, 100k, 200k, 1M (d = 128,
+   classes of 20, queries = references): time, peak RSS and the ratio to a
+   plain blocked-matmul floor (same blocks, ``matmul`` + ``reduce_max``);
+2. ScaNN build time, queries per second and recall@10 against exact search
+   (and the exact search's QPS) at 100k and 1M;
+3. SavedModel endpoint latency p50 / p99 (1 and 64 queries) against a 100k
+   gallery, brute force and ScaNN variants.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakRSS:
+    """Samples VmRSS every 20 ms while the block runs."""
+
+    def __enter__(self):
+        self.peak = rss_mb()
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, rss_mb())
+                time.sleep(0.02)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def clustered(n, d=128, class_size=20, seed=0, noise=0.5):
+    rng = np.random.default_rng(seed)
+    classes = max(1, n // class_size)
+    c = rng.standard_normal((classes, d), dtype=np.float32)
+    y = np.arange(n) % classes
+    x = c[y] + noise * rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, y
+
+
+def matmul_floor(x, block, ref_block):
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def step(q, r):
+        return tf.reduce_max(tf.matmul(q, r, transpose_b=True), axis=1)
+
+    refs = tf.constant(x)
+    acc = 0.0
+    for b in range(0, len(x), block):
+        q = refs[b : b + block]
+        for c in range(0, len(x), ref_block):
+            acc += float(tf.reduce_sum(step(q, refs[c : c + ref_block])))
+    return acc
+
+
+def bench_metrics(ns):
+    from tfdml.eval import retrieval_metrics
+
+    rows = []
+    for n in ns:
+        x, y = clustered(n)
+        base = rss_mb()
+        t = time.perf_counter()
+        with PeakRSS() as p:
+            m = retrieval_metrics(x, y)
+        dt = time.perf_counter() - t
+        t = time.perf_counter()
+        matmul_floor(x, 1024, 32768)
+        floor = time.perf_counter() - t
+        rows.append((n, dt, floor, dt / floor, p.peak, p.peak - base, m))
+        print(
+            f"  N={n}: {dt:.1f} s, floor {floor:.1f} s, peak {p.peak:.0f} MB",
+            file=sys.stderr,
+        )
+    print("\n### Exact retrieval metrics (d=128, classes of 20)\n")
+    print(
+        "| N | time (s) | matmul floor (s) | ratio | peak RSS (MB) "
+        "| RSS above inputs (MB) | map@r |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n, dt, floor, ratio, peak, extra, m in rows:
+        print(
+            f"| {n:,} | {dt:.1f} | {floor:.1f} | {ratio:.2f} | {peak:.0f} "
+            f"| {extra:.0f} | {m['map@r']:.4f} |"
+        )
+
+
+def bench_scann(ns, nq=1000):
+    from tfdml.eval import BruteForceIndex
+    from tfdml.eval import ScaNNIndex
+
+    rows = []
+    for n in ns:
+        x, _ = clustered(n + nq, class_size=100, seed=1, noise=0.3)
+        db, q = x[:n], x[n:]
+        t = time.perf_counter()
+        idx = ScaNNIndex(db, k=10)
+        build = time.perf_counter() - t
+        idx.search_indices(q[:10], 10)  # warm-up
+        t = time.perf_counter()
+        got, _ = idx.search_indices(q, 10)
+        qps = nq / (time.perf_counter() - t)
+        bf = BruteForceIndex(db)
+        bf.search_indices(q[:10], 10)
+        t = time.perf_counter()
+        want, _ = bf.search_indices(q, 10)
+        qps_bf = nq / (time.perf_counter() - t)
+        rec = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+        rows.append((n, build, qps, qps_bf, rec))
+        print(f"  ScaNN N={n}: build {build:.1f} s", file=sys.stderr)
+    print("\n### ScaNN vs exact search (d=128, clustered, k=10, 1000 q)\n")
+    print("| N | build (s) | ScaNN QPS | exact QPS | speed-up | recall@10 |")
+    print("|---|---|---|---|---|---|")
+    for n, build, qps, qps_bf, rec in rows:
+        print(
+            f"| {n:,} | {build:.1f} | {qps:,.0f} | {qps_bf:,.0f} | "
+            f"{qps / qps_bf:.1f}x | {rec:.3f} |"
+        )
+
+
+def bench_endpoints(n=100_000, reps=50):
+    import keras
+    import scann  # noqa: F401
+    import tensorflow as tf
+
+    from tfdml.export import export_saved_model
+
+    inp = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    raw = keras.layers.Dense(128)(h)
+    emb = keras.layers.UnitNormalization()(raw)
+    enc = keras.Model(inp, {"embeddings": emb, "raw": raw})
+    db, _ = clustered(n, class_size=100, seed=2, noise=0.3)
+    out = tempfile.mkdtemp()
+    paths = export_saved_model(enc, out, database=db, index="both", k=10)
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, path in paths.items():
+        sigs = tf.saved_model.load(path).signatures
+        for b in (1, 64):
+            q = tf.constant(db[rng.integers(0, n, b)] + 0.0)
+            img = tf.constant(rng.random((b, 32, 32, 3)).astype("float32"))
+            for name, kw in (
+                ("search_default", {"embeddings": q}),
+                ("embed_and_search_default", {"images": img}),
+            ):
+                f = sigs[name]
+                for _ in range(3):
+                    f(**kw)["ids"].numpy()
+                ts = []
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    f(**kw)["ids"].numpy()
+                    ts.append((time.perf_counter() - t) * 1e3)
+                p50, p99 = np.percentile(ts, [50, 99])
+                rows.append((variant, name, b, p50, p99))
+    print(f"\n### Endpoint latency, {n:,} gallery, d=128 (ms, {reps} calls)\n")
+    print("| variant | signature | queries | p50 | p99 |")
+    print("|---|---|---|---|---|")
+    for v, name, b, p50, p99 in rows:
+        print(f"| {v} | {name} | {b} | {p50:.2f} | {p99:.2f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--max-n", type=int, default=1_000_000)
+    p.add_argument("--scann-n", default="100000,1000000")
+    p.add_argument("--skip-metrics", action="store_true")
+    p.add_argument("--skip-scann", action="store_true")
+    p.add_argument("--skip-endpoints", action="store_true")
+    a = p.parse_args(argv)
+    if not a.skip_metrics:
+        ns = [n for n in (20_000, 100_000, 200_000, 1_000_000) if n <= a.max_n]
+        bench_metrics(ns)
+    if not a.skip_scann:
+        bench_scann([int(s) for s in a.scann_n.split(",") if s])
+    if not a.skip_endpoints:
+        bench_endpoints()
+
+
+if __name__ == "__main__":
+    main()

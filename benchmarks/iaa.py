@@ -1,0 +1,154 @@
+"""Step-time cost of IAA (intra-class adaptive augmentation) on top of MS.
+
+Same batch, same small CNN (64x64x1, batch 32 classes x 4 images, embedding
+128, Adam): the plain MS step against MS + IAA (M synthetic copies per
+sample as extra references), eager-graph and XLA, with and without a cross-
+batch memory. The estimator is filled once from the encoder before timing.
+Also times one neighbour correction (paper Eq. 9-16) for a large label
+space. Prints a Markdown table.
+
+Usage::
+
+  python benchmarks/iaa.py [--steps 20] [--warmup 3] [--copies 3]
+                           [--correction-classes 2000]
+"""
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfdml.augment import IAAEstimator  # noqa: E402
+from tfdml.augment import IAAugmenter  # noqa: E402
+from tfdml.augment import neighbor_correction  # noqa: E402
+from tfdml.losses import MultiSimilarityLoss  # noqa: E402
+from tfdml.memory import CrossBatchMemory  # noqa: E402
+from tfdml.models import DMLModel  # noqa: E402
+from tfdml.models import build_embedding_model  # noqa: E402
+
+CONFIGS = {
+    "MS": {},
+    "MS + IAA": {"iaa": True},
+    "MS (XLA)": {"jit": True},
+    "MS + IAA (XLA)": {"iaa": True, "jit": True},
+    "MS + XBM 8192": {"memory": 8192},
+    "MS + XBM 8192 + IAA": {"memory": 8192, "iaa": True},
+}
+
+
+def batch(size, classes, per_class, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((classes * per_class, size, size, 1)).astype(np.float32)
+    y = np.repeat(np.arange(classes), per_class).astype(np.int32)
+    return x, y
+
+
+def run(name, spec, args):
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    encoder = build_embedding_model(
+        (args.size, args.size, 1), embedding_dim=args.dim
+    )
+    x, y = batch(args.size, args.classes, args.per_class)
+    augmenter = None
+    if spec.get("iaa"):
+        est = IAAEstimator(args.classes, args.dim)
+        est.update(encoder(x, training=False)["raw"], y)
+        augmenter = IAAugmenter(est, num_copies=args.copies, lam=0.8, seed=0)
+    memory = None
+    if spec.get("memory"):
+        memory = CrossBatchMemory(spec["memory"], args.dim)
+    model = DMLModel(encoder, memory=memory, augmenter=augmenter)
+    model.compile(
+        optimizer="adam",
+        loss=MultiSimilarityLoss(),
+        jit_compile=spec.get("jit", False),
+    )
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        hist = model.fit(ds, steps_per_epoch=args.steps, epochs=1, verbose=0)
+        times.append((time.perf_counter() - start) / args.steps)
+    return {
+        "name": name,
+        "ms_step": 1000 * float(np.median(times)),
+        "first_s": first,
+        "loss": hist.history["loss"][-1],
+        "refs": args.classes
+        * args.per_class
+        * (1 + (args.copies if spec.get("iaa") else 0))
+        + (spec.get("memory") or 0),
+    }
+
+
+def time_correction(classes, dim, k=25):
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(classes, dim))
+    var = rng.uniform(0.1, 1.0, size=(classes, dim))
+    counts = rng.integers(1, 12, size=classes)
+    start = time.perf_counter()
+    out = neighbor_correction(mean, var, counts, num_neighbors=k)
+    out["corrected"].numpy()
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=32)
+    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--copies", type=int, default=3)
+    parser.add_argument("--correction-classes", type=int, default=2000)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    rows = [
+        run(name, spec, args)
+        for name, spec in CONFIGS.items()
+        if not args.only or name in args.only
+    ]
+    devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
+    print(
+        f"small CNN, {args.size}x{args.size}x1, batch {args.classes}x"
+        f"{args.per_class}, embedding {args.dim}, IAA M={args.copies}, Adam; "
+        f"median of {args.repeats} x {args.steps} timed steps after "
+        f"{args.warmup} warm-up steps; TF {tf.__version__}, Keras "
+        f"{keras.__version__}, {devices}, {os.cpu_count()} CPU cores, "
+        f"{platform.processor() or 'cpu'}\n"
+    )
+    base = {}
+    print("| configuration | references | ms/step | vs plain | warm-up (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        key = r["name"].replace(" + IAA", "")
+        base.setdefault(key, r["ms_step"])
+        ratio = r["ms_step"] / base[key]
+        print(
+            f"| {r['name']} | {r['refs']} | {r['ms_step']:.1f} | "
+            f"{ratio:.2f}x | {r['first_s']:.1f} |"
+        )
+    if args.correction_classes:
+        sec = time_correction(args.correction_classes, args.dim)
+        print(
+            f"\nneighbour correction (float64, K=25), "
+            f"{args.correction_classes} classes x {args.dim} dims: "
+            f"{sec:.2f} s per refresh"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""WeightedContrastiveLoss (OSM + CAA) vs NumPy float64 references."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import reference_weighting as refw
+from tests.conftest import edge_batches
+from tests.conftest import make_batch
+from tfdml import ops
+from tfdml.losses import WeightedContrastiveLoss
+from tfdml.losses import weighted_contrastive
+
+FIXTURE = (
+    np.array([(1, 0), (0.8, 0.6), (0, 1), (-0.6, 0.8)], np.float32),
+    np.array([0, 0, 1, 1], np.int32),
+)
+
+
+def probs_for(n, seed=0):
+    return np.random.default_rng(seed).uniform(0.05, 1.0, n).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "official_code, want", [(False, 0.123344), (True, 0.020557)]
+)
+def test_closed_form_fixture(official_code, want):
+    f, y = FIXTURE
+    loss = WeightedContrastiveLoss(official_code=official_code)
+    # a_i all equal: CAA is a no-op; equal probs give equal a_i
+    got = loss.per_anchor(f, y, probs=np.full(4, 0.7, np.float32))
+    np.testing.assert_allclose(float(tf.reduce_mean(got)), want, atol=5e-7)
+    got_no_caa = WeightedContrastiveLoss(
+        official_code=official_code, use_caa=False
+    )(y, f)
+    np.testing.assert_allclose(float(got_no_caa), want, atol=5e-7)
+    ref_loss, _, _ = refw.weighted_contrastive(
+        f, y, use_caa=False, official_code=official_code
+    )
+    np.testing.assert_allclose(ref_loss, want, atol=5e-7)
+
+
+@pytest.mark.parametrize("official_code", [False, True])
+@pytest.mark.parametrize("lambda_", [0.5, 0.3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_reference_and_per_anchor_split(official_code, lambda_, seed):
+    emb, labels = make_batch(seed)
+    probs = probs_for(16, seed)
+    loss = WeightedContrastiveLoss(official_code=official_code, lambda_=lambda_)
+    per = loss.per_anchor(emb, labels, probs=probs).numpy()
+    want, rows, _ = refw.weighted_contrastive(
+        emb, labels, probs, lambda_=lambda_, official_code=official_code
+    )
+    np.testing.assert_allclose(per.mean(), want, rtol=1e-5)
+    # per-anchor reading: each pair's contribution split between its two
+    # members, times B.
+    a = refw.gaussian_pdf(probs.astype(np.float64), 1.0, 0.68)
+    zp = sum(r[4] for r in rows if r[3])
+    zn = sum(r[4] for r in rows if not r[3])
+    share = np.zeros(16)
+    for i, j, d, y, w in rows:
+        c = (
+            (1 - lambda_) * 0.5 * w * d**2 / zp
+            if y
+            else lambda_ * 0.5 * w * max(0, 1.2 - d) ** 2 / zn
+        )
+        if official_code:
+            c /= len(rows)
+        share[i] += c / 2
+        share[j] += c / 2
+    assert a.std() > 0
+    np.testing.assert_allclose(per, 16 * share, rtol=1e-4, atol=1e-7)
+
+
+def test_keras_dict_y_pred_uses_softmax_of_logits():
+    emb, labels = make_batch(2)
+    logits = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    p = tf.nn.softmax(logits).numpy()[np.arange(16), labels]
+    loss = WeightedContrastiveLoss()
+    got = loss(labels, {"embeddings": emb, "logits": logits})
+    want = refw.weighted_contrastive(emb, labels, p)[0]
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    x = tf.Variable(logits)
+    with tf.GradientTape() as tape:
+        value = loss(labels, {"embeddings": emb, "logits": x})
+    assert tape.gradient(value, x) is None  # p carries no gradient
+
+
+@pytest.mark.parametrize("official_code", [False, True])
+def test_gradient_is_the_caffe_backward(official_code):
+    emb, labels = make_batch(3, classes=3, per_class=3, dim=4)
+    probs = probs_for(9, 3)
+    x = tf.Variable(emb)
+    loss = WeightedContrastiveLoss(official_code=True, normalize=False)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_mean(loss.per_anchor(x, labels, probs=probs))
+    got = tape.gradient(total, x).numpy()
+    want = refw.weighted_contrastive_grad(emb, labels, probs)
+    assert np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # with normalize=True the gradient is projected by the L2-norm Jacobian
+    x2 = tf.Variable(emb)
+    loss_n = WeightedContrastiveLoss(official_code=official_code)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_mean(loss_n.per_anchor(x2, labels, probs=probs))
+    g2 = tape.gradient(total, x2).numpy()
+    scale = 1.0 if official_code else 36.0  # P = 9*8/2 pairs
+    proj = want - (want * emb).sum(1, keepdims=True) * emb
+    np.testing.assert_allclose(g2, scale * proj, rtol=1e-3, atol=1e-6)
+
+
+def test_gradient_finite_differences_unnormalised():
+    emb, labels = make_batch(4, classes=2, per_class=3, dim=3)
+    emb = emb * np.linspace(0.5, 1.5, 6)[:, None].astype(np.float32)
+    probs = probs_for(6, 4)
+    x = tf.Variable(emb)
+    loss = WeightedContrastiveLoss(normalize=False)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_mean(loss.per_anchor(x, labels, probs=probs))
+    got = tape.gradient(total, x).numpy()
+    # FD of the loss with the weights frozen at emb (they are constants)
+    _, rows0, w_hat = refw.weighted_contrastive(emb, labels, probs)
+
+    def frozen(e):
+        out = 0.0
+        for (i, j, _, y, _), w in zip(rows0, w_hat):
+            d = np.linalg.norm(e[i] - e[j])
+            out += w * (0.5 * d**2 if y else 0.5 * max(0, 1.2 - d) ** 2)
+        return out
+
+    want = refw.numeric_grad(frozen, emb)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_caa_invariance_to_scaling():
+    emb, labels = make_batch(5)
+    dist = ops.pairwise_distance(emb)
+    pos, neg = ops.pair_masks(labels)
+    a = refw.gaussian_pdf(probs_for(16, 5).astype(np.float64), 1.0, 0.68)
+    att = np.minimum(a[:, None], a[None]).astype(np.float32)
+    for official in (False, True):
+        base = weighted_contrastive(dist, pos, neg, att, official_code=official)
+        scaled = weighted_contrastive(
+            dist, pos, neg, 7.5 * att, official_code=official, symmetric=True
+        )
+        base_s = weighted_contrastive(
+            dist, pos, neg, att, official_code=official, symmetric=True
+        )
+        np.testing.assert_allclose(scaled.numpy(), base_s.numpy(), rtol=1e-5)
+        plain = weighted_contrastive(
+            dist, pos, neg, None, official_code=official, symmetric=True
+        )
+        assert not np.allclose(plain.numpy(), base_s.numpy())
+        assert base.shape == (16,)
+
+
+def test_constant_probs_make_caa_a_no_op():
+    emb, labels = make_batch(6)
+    a = WeightedContrastiveLoss().per_anchor(
+        emb, labels, probs=np.full(16, 0.3, np.float32)
+    )
+    b = WeightedContrastiveLoss(use_caa=False).per_anchor(emb, labels)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(edge_batches()))
+def test_edge_batches(name):
+    emb, labels = edge_batches()[name]
+    probs = probs_for(len(labels), 1)
+    x = tf.Variable(emb)
+    loss = WeightedContrastiveLoss()
+    with tf.GradientTape() as tape:
+        per = loss.per_anchor(x, labels, probs=probs)
+        total = tf.reduce_mean(per)
+    grad = tape.gradient(total, x).numpy()
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(per.numpy()))
+    want = refw.weighted_contrastive(emb, labels, probs)[0]
+    np.testing.assert_allclose(float(total), want, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_set_of_another_size():
+    emb, labels = make_batch(0, classes=3, per_class=3)
+    bank, bank_labels = make_batch(7, classes=4, per_class=3)
+    p, q = probs_for(9, 0), probs_for(12, 1)
+    loss = WeightedContrastiveLoss(official_code=True)
+    per = loss.per_anchor(
+        emb, labels, bank, bank_labels, probs=p, ref_probs=q
+    ).numpy()
+    # every (anchor, reference) pair listed once
+    a = refw.gaussian_pdf(p.astype(np.float64), 1.0, 0.68)
+    b = refw.gaussian_pdf(q.astype(np.float64), 1.0, 0.68)
+    rows = []
+    for i in range(9):
+        for j in range(12):
+            d = np.linalg.norm(emb[i].astype(np.float64) - bank[j])
+            y = labels[i] == bank_labels[j]
+            s = np.exp(-(d**2) / 1.28) if y else max(0, 1.2 - d)
+            rows.append((i, d, y, s * min(a[i], b[j])))
+    zp = sum(r[3] for r in rows if r[2])
+    zn = sum(r[3] for r in rows if not r[2])
+    want = np.zeros(9)
+    for i, d, y, w in rows:
+        c = 0.25 * w * d**2 / zp if y else 0.25 * w * max(0, 1.2 - d) ** 2 / zn
+        want[i] += 9 * c / len(rows)
+    np.testing.assert_allclose(per, want, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="ref_probs"):
+        loss.per_anchor(emb, labels, bank, bank_labels, probs=p)
+
+
+def test_xla_equals_eager():
+    emb, labels = make_batch(1)
+    probs = probs_for(16)
+    loss = WeightedContrastiveLoss()
+
+    def f(e, y, p):
+        return loss.per_anchor(e, y, probs=p)
+
+    eager = f(emb, labels, probs)
+    xla = tf.function(f, jit_compile=True)(emb, labels, probs)
+    np.testing.assert_allclose(xla.numpy(), eager.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_fit_two_output_model():
+    # Keras broadcasts a single loss to every output of a dict-output model,
+    # so the {"embeddings", "logits"} dict is nested one level ("metric") to
+    # reach the loss whole; the logits also get their own cross-entropy.
+    emb, labels = make_batch(0, classes=4, per_class=8, dim=6)
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    e = keras.layers.UnitNormalization()(keras.layers.Dense(8)(h))
+    logits = keras.layers.Dense(4)(h)
+    model = keras.Model(
+        inputs,
+        {"metric": {"embeddings": e, "logits": logits}, "logits": logits},
+    )
+    model.compile(
+        keras.optimizers.SGD(0.5),
+        loss={
+            "metric": WeightedContrastiveLoss(),
+            "logits": keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True
+            ),
+        },
+    )
+    y = {"metric": labels, "logits": labels}
+    hist = model.fit(emb, y, batch_size=32, epochs=4, verbose=0)
+    losses = hist.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    out = model(emb)["metric"]
+    p = tf.nn.softmax(out["logits"]).numpy()[np.arange(32), labels]
+    want = refw.weighted_contrastive(out["embeddings"].numpy(), labels, p)[0]
+    got = WeightedContrastiveLoss()(labels, out)
+    np.testing.assert_allclose(float(got), want, rtol=1e-4)
+
+
+def test_config_round_trip():
+    loss = WeightedContrastiveLoss(
+        margin=1.0,
+        sigma=0.5,
+        lambda_=0.4,
+        caa_sigma=0.5,
+        caa_combine="product",
+        official_code=True,
+    )
+    again = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(loss)
+    )
+    assert again.get_config() == loss.get_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"margin": 0}, "margin"),
+        ({"sigma": -1}, "sigma"),
+        ({"lambda_": 1.5}, "lambda_"),
+        ({"caa_sigma": 0}, "sigma"),
+        ({"caa_combine": "max"}, "combine"),
+    ],
+)
+def test_bad_hyper_parameters(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        WeightedContrastiveLoss(**kwargs)
+
+
+def test_bad_inputs():
+    emb, labels = make_batch(0)
+    with pytest.raises(ValueError, match="probs"):
+        WeightedContrastiveLoss()(labels, emb)
+    with pytest.raises(ValueError, match="embeddings"):
+        WeightedContrastiveLoss()(labels, {"logits": emb})

@@ -1,0 +1,202 @@
+"""Miners vs brute-force set references (tests/reference.py)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import reference
+from tests.conftest import edge_batches
+from tests.conftest import make_batch
+from tfdml.mining import AllPairsMiner
+from tfdml.mining import HardestMiner
+from tfdml.mining import SemiHardMiner
+from tfdml.mining import ThresholdMiner
+from tfdml.mining.semi_hard import largest_less
+from tfdml.mining.semi_hard import smallest_greater
+
+
+def batch_masks(emb, labels, ref=None, ref_labels=None, ref_valid=None):
+    sim = reference.cosine(emb, ref).astype(np.float32)
+    lists = reference.pos_neg_lists(labels, ref_labels, ref_valid=ref_valid)
+    pos = np.zeros(sim.shape, bool)
+    neg = np.zeros(sim.shape, bool)
+    for i, (p, n) in enumerate(lists):
+        pos[i, p] = True
+        neg[i, n] = True
+    return sim, pos, neg, lists
+
+
+def as_set(mask):
+    return {tuple(int(v) for v in ij) for ij in np.argwhere(np.asarray(mask))}
+
+
+def scenarios():
+    out = dict(edge_batches())
+    ref_emb, ref_labels = make_batch(9, classes=5, per_class=3)
+    valid = np.ones(len(ref_labels), bool)
+    valid[[0, 4]] = False
+    out["reference_set"] = (
+        make_batch(2)[0],
+        make_batch(2)[1],
+        ref_emb,
+        ref_labels,
+        valid,
+    )
+    return out
+
+
+SCENARIOS = scenarios()
+
+
+def setup(name):
+    case = SCENARIOS[name]
+    if len(case) == 2:
+        return batch_masks(*case)
+    emb, labels, ref, ref_labels, valid = case
+    return batch_masks(emb, labels, ref, ref_labels, valid)
+
+
+MINERS = {
+    "all": (AllPairsMiner(), None),
+    "threshold_sim": (
+        ThresholdMiner(pos_threshold=0.6, neg_threshold=0.1),
+        dict(pos_threshold=0.6, neg_threshold=0.1, form="similarity"),
+    ),
+    "threshold_pos_only": (
+        ThresholdMiner(pos_threshold=0.4),
+        dict(pos_threshold=0.4, form="similarity"),
+    ),
+    "threshold_dist": (
+        ThresholdMiner(pos_threshold=0.8, neg_threshold=1.3, form="distance"),
+        dict(pos_threshold=0.8, neg_threshold=1.3, form="distance"),
+    ),
+}
+
+
+BASIC = [
+    (m, n) for m in MINERS for n in ("seeded", "duplicates", "reference_set")
+]
+
+
+@pytest.mark.parametrize(
+    "miner, name", BASIC, ids=[f"{m}-{n}" for m, n in BASIC]
+)
+def test_basic_miners_match_reference(miner, name):
+    sim, pos, neg, lists = setup(name)
+    obj, kwargs = MINERS[miner]
+    got_p, got_n = obj(tf.constant(sim), tf.constant(pos), tf.constant(neg))
+    if kwargs is None:
+        want_p, want_n = as_set(pos), as_set(neg)
+    else:
+        want_p, want_n = reference.mine_threshold(
+            sim.astype(np.float64), lists, **kwargs
+        )
+    assert as_set(got_p.numpy()) == want_p
+    assert as_set(got_n.numpy()) == want_n
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS), ids=str)
+@pytest.mark.parametrize(
+    "margin, form",
+    [
+        (0.2, "distance"),
+        (0.5, "distance"),
+        (0.3, "similarity"),
+        (0.0, "distance"),
+    ],
+    ids=["d0.2", "d0.5", "s0.3", "d0"],
+)
+def test_semi_hard_matches_brute_force(name, margin, form):
+    sim, pos, neg, lists = setup(name)
+    got_p, got_n = SemiHardMiner(margin=margin, form=form)(sim, pos, neg)
+    want_p, want_n = reference.mine_semi_hard(
+        sim.astype(np.float64), lists, margin, form
+    )
+    assert as_set(got_p.numpy()) == want_p
+    assert as_set(got_n.numpy()) == want_n
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS), ids=str)
+def test_hardest_matches_reference(name):
+    sim, pos, neg, lists = setup(name)
+    got_p, got_n = HardestMiner()(sim, pos, neg)
+    want_p, want_n = reference.mine_hardest(sim.astype(np.float64), lists)
+    assert as_set(got_p.numpy()) == want_p
+    assert as_set(got_n.numpy()) == want_n
+    # One-hot: at most one pair of each kind per anchor.
+    assert got_p.numpy().sum(1).max() <= 1
+    assert got_n.numpy().sum(1).max() <= 1
+
+
+def test_hardest_ties_go_to_lowest_index():
+    sim = tf.constant([[0.0, 0.3, 0.3, 0.9, 0.9, 0.1]])
+    pos = tf.constant([[False, True, True, False, False, False]])
+    neg = tf.constant([[False, False, False, True, True, True]])
+    p, n = HardestMiner()(sim, pos, neg)
+    np.testing.assert_array_equal(p.numpy(), [[0, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(n.numpy(), [[0, 0, 0, 1, 0, 0]])
+
+
+def test_hardest_partial_modes_keep_other_side():
+    sim, pos, neg, _ = setup("seeded")
+    p, n = HardestMiner(negatives=False)(sim, pos, neg)
+    np.testing.assert_array_equal(n.numpy(), neg)
+    assert p.numpy().sum() == len(pos)
+
+
+@pytest.mark.parametrize(
+    "miner",
+    [
+        AllPairsMiner(),
+        ThresholdMiner(0.5, 0.2),
+        SemiHardMiner(),
+        HardestMiner(),
+    ],
+    ids=["all", "threshold", "semi_hard", "hardest"],
+)
+def test_miners_never_widen_and_run_under_xla(miner):
+    sim, pos, neg, _ = setup("reference_set")
+    eager = miner(tf.constant(sim), tf.constant(pos), tf.constant(neg))
+    xla = tf.function(miner.__call__, jit_compile=True)(
+        tf.constant(sim), tf.constant(pos), tf.constant(neg)
+    )
+    for e, x, full in zip(eager, xla, (pos, neg)):
+        np.testing.assert_array_equal(e.numpy(), x.numpy())
+        assert not np.any(e.numpy() & ~full)
+
+
+def test_sorted_search_helpers():
+    x = tf.constant([[0.5, 0.1, 0.9, 0.3]])
+    mask = tf.constant([[True, True, False, True]])
+    q = tf.constant([[0.0, 0.3, 0.4, 0.6]])
+    v, e = smallest_greater(x, mask, q)
+    np.testing.assert_array_equal(e.numpy(), [[True, True, True, False]])
+    np.testing.assert_allclose(v.numpy()[e.numpy()], [0.1, 0.5, 0.5])
+    v, e = largest_less(x, mask, q)
+    np.testing.assert_array_equal(e.numpy(), [[False, True, True, True]])
+    np.testing.assert_allclose(v.numpy()[e.numpy()], [0.1, 0.3, 0.5])
+
+
+@pytest.mark.parametrize(
+    "build, word",
+    [
+        (lambda: ThresholdMiner(form="angle"), "form"),
+        (lambda: ThresholdMiner(pos_threshold="x"), "pos_threshold"),
+        (
+            lambda: ThresholdMiner(neg_threshold=-1.0, form="distance"),
+            "neg_threshold",
+        ),
+        (lambda: SemiHardMiner(margin=-0.1), "margin"),
+        (lambda: SemiHardMiner(form="angle"), "form"),
+    ],
+    ids=[
+        "threshold_form",
+        "threshold_type",
+        "threshold_neg",
+        "semi_margin",
+        "semi_form",
+    ],
+)
+def test_bad_arguments_raise(build, word):
+    with pytest.raises(ValueError, match=word):
+        build()
