@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-LINT_PATHS := tfdml tests train.py export benchmarks
+LINT_PATHS := tfdml tests train.py export benchmarks tools
 
-.PHONY: test lint format demo clean-venv
+.PHONY: test lint format demo clean-venv data-packages
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 
+# Debian font packages and Fashion-MNIST for the offline data sets (root: apt-get).
+data-packages:
+	bash tools/install_fonts.sh
+
 # pytest exits 5 when no test ran; make treats every non-zero exit as failure.
-test: lint
+test: lint data-packages
 	$(PY) -m pytest -n 2 --timeout=900 -q -p no:cacheprovider tests
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed data-packages
 	$(PY) -m tfdml.demo
 
 clean-venv:

@@ -82,12 +82,12 @@ def matmul_floor(x, block, ref_block):
     return acc
 
 
-def bench_metrics(ns):
+def bench_metrics(ns, noise=0.5):
     from tfdml.eval import retrieval_metrics
 
     rows = []
     for n in ns:
-        x, y = clustered(n)
+        x, y = clustered(n, noise=noise)
         base = rss_mb()
         t = time.perf_counter()
         with PeakRSS() as p:
@@ -101,7 +101,9 @@ def bench_metrics(ns):
             f"  N={n}: {dt:.1f} s, floor {floor:.1f} s, peak {p.peak:.0f} MB",
             file=sys.stderr,
         )
-    print("\n### Exact retrieval metrics (d=128, classes of 20)\n")
+    print(
+        f"\n### Exact retrieval metrics (d=128, classes of 20, noise {noise})\n"
+    )
     print(
         "| N | time (s) | matmul floor (s) | ratio | peak RSS (MB) "
         "| RSS above inputs (MB) | map@r |"
@@ -195,13 +197,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-n", type=int, default=1_000_000)
     p.add_argument("--scann-n", default="100000,1000000")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.5,
+        help="metrics data: 0.5 separable (sparse path), 2.5 near random",
+    )
     p.add_argument("--skip-metrics", action="store_true")
     p.add_argument("--skip-scann", action="store_true")
     p.add_argument("--skip-endpoints", action="store_true")
     a = p.parse_args(argv)
     if not a.skip_metrics:
         ns = [n for n in (20_000, 100_000, 200_000, 1_000_000) if n <= a.max_n]
-        bench_metrics(ns)
+        bench_metrics(ns, a.noise)
     if not a.skip_scann:
         bench_scann([int(s) for s in a.scann_n.split(",") if s])
     if not a.skip_endpoints:

@@ -91,6 +91,50 @@ def run(name, spec, args):
     }
 
 
+def time_head(args, iaa, jit, reps=50):
+    """Loss + gradient w.r.t. the raw head outputs only (no CNN): the part
+    of the step that IAA changes, less sensitive to a busy machine."""
+    rng = np.random.default_rng(0)
+    n = args.classes * args.per_class
+    raw = tf.constant(rng.normal(size=(n, args.dim)).astype(np.float32))
+    y = tf.constant(
+        np.repeat(np.arange(args.classes), args.per_class).astype(np.int32)
+    )
+    ids = tf.range(n)
+    loss = MultiSimilarityLoss()
+    aug = None
+    if iaa:
+        est = IAAEstimator(args.classes, args.dim)
+        est.update(raw, y)
+        aug = IAAugmenter(est, num_copies=args.copies, lam=0.8, seed=0)
+
+    @tf.function(jit_compile=jit)
+    def step(raw):
+        with tf.GradientTape() as tape:
+            tape.watch(raw)
+            emb = tf.math.l2_normalize(raw, -1)
+            ref, ref_y, ref_ids = emb, y, ids
+            if aug is not None:
+                s_emb, s_y, s_ids, _ = aug.synthesize(raw, y, ids)
+                ref = tf.concat([emb, s_emb], 0)
+                ref_y = tf.concat([y, s_y], 0)
+                ref_ids = tf.concat([ids, s_ids], 0)
+            value = tf.reduce_mean(
+                loss.per_anchor(emb, y, ref, ref_y, ids, ref_ids)
+            )
+        return tape.gradient(value, raw)
+
+    step(raw).numpy()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = step(raw)
+        out.numpy()
+        times.append((time.perf_counter() - start) / reps)
+    return 1000 * float(np.min(times))
+
+
 def time_correction(classes, dim, k=25):
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(classes, dim))
@@ -114,11 +158,14 @@ def main(argv=None):
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--correction-classes", type=int, default=2000)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument(
+        "--no-steps", action="store_true", help="only the head timings"
+    )
     args = parser.parse_args(argv)
     rows = [
         run(name, spec, args)
         for name, spec in CONFIGS.items()
-        if not args.only or name in args.only
+        if (not args.only or name in args.only) and not args.no_steps
     ]
     devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
     print(
@@ -140,6 +187,16 @@ def main(argv=None):
             f"| {r['name']} | {r['refs']} | {r['ms_step']:.1f} | "
             f"{ratio:.2f}x | {r['first_s']:.1f} |"
         )
+    print(
+        "\n| head only (MS loss + gradient w.r.t. raw) | ms | vs MS |\n"
+        "|---|---:|---:|"
+    )
+    for jit in (False, True):
+        plain = time_head(args, False, jit)
+        with_iaa = time_head(args, True, jit)
+        tag = " (XLA)" if jit else ""
+        print(f"| MS{tag} | {plain:.2f} | 1.00x |")
+        print(f"| MS + IAA{tag} | {with_iaa:.2f} | {with_iaa / plain:.2f}x |")
     if args.correction_classes:
         sec = time_correction(args.correction_classes, args.dim)
         print(

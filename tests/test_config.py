@@ -56,7 +56,7 @@ def test_duplicate_yaml_key_is_rejected():
     "text, key",
     [
         ("loss: MultiSimilarityLoss\nbogus: {}\n", "bogus"),
-        ("loss: MultiSimilarityLoss\ndata: {colour: red}\n", "data.colour"),
+        ("loss: MultiSimilarityLoss\ntrain: {colour: red}\n", "train.colour"),
         (
             "loss: MultiSimilarityLoss\ntrain: {epochs: two}\n",
             "train.epochs",

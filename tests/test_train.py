@@ -147,7 +147,7 @@ def _cmd(run_dir, *overrides):
         "--set",
         "train.epochs=3",
         "--set",
-        "train.steps_per_epoch=40",
+        "train.steps_per_epoch=20",
         "--set",
         "train.deterministic=true",
         "--set",
@@ -174,11 +174,12 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = b / "checkpoints" / "epoch-00001.index"
+    # Kill as soon as the first epoch's checkpoint is recorded.
+    state_file = b / "checkpoints" / train_lib.STATE_FILE
     deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None:
+    while not state_file.exists() and proc.poll() is None:
         assert time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -47,7 +47,7 @@ SECTIONS = (
 REGISTRY_SECTIONS = ("loss", "miner", "weighting")
 
 # Sections whose keys outside SCHEMA are constructor keyword arguments.
-PASSTHROUGH = ("model", "memory", "meta", "augment")
+PASSTHROUGH = ("data", "model", "memory", "meta", "augment")
 
 
 class ConfigError(ValueError):
@@ -175,8 +175,16 @@ SCHEMA = {
         "source": Field(
             str,
             "synthetic",
-            _choice("synthetic", "tfds", "folder", "npz"),
-            doc="where images come from",
+            _choice(
+                "synthetic",
+                "tfds",
+                "folder",
+                "npz",
+                "cjk_glyphs",
+                "hangul_glyphs",
+                "fashion_mnist",
+            ),
+            doc="where images come from (other data keys: its options)",
         ),
         "name": Field(str, None, nullable=True, doc="TFDS name"),
         "path": Field(str, None, nullable=True, doc="folder or .npz path"),
@@ -196,11 +204,12 @@ SCHEMA = {
             float, 0.5, _in_unit, doc="fraction of classes held out as test"
         ),
         "augmentation": Field(
-            str, "none", _choice("none", "crop_flip", "flip"), doc=""
+            (str, dict),
+            "none",
+            doc="none | flip | crop | crop_flip | {crop, crop_scale, flip}",
         ),
-        "num_classes": Field(int, 24, _ge(4), doc="synthetic: classes"),
-        "images_per_class": Field(
-            int, 10, _ge(2), doc="synthetic: images per class"
+        "eval_max_per_class": Field(
+            int, None, _ge(1), nullable=True, doc="cap per class at eval"
         ),
     },
     "model": {

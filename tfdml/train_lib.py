@@ -48,10 +48,6 @@ EXIT_INTERRUPTED = 130
 STATE_FILE = "state.json"
 
 
-class NaNError(RuntimeError):
-    """The loss or the weights became non-finite."""
-
-
 # -- validation --
 
 
@@ -113,11 +109,16 @@ def _construct(key, fn, *args, **kwargs):
 
 
 def _spec_key(section, spec, message):
-    """Finds the sub-key a constructor error message names, if any."""
+    """The sub-key a constructor error message names first, if any."""
+    best = None
     for k in spec:
-        if k != "name" and (f"`{k}`" in message or f"'{k}'" in message):
-            return f"{section}.{k}"
-    return section
+        if k == "name":
+            continue
+        for quoted in (f"`{k}`", f"'{k}'", f"{k}="):
+            pos = message.find(quoted)
+            if pos >= 0 and (best is None or pos < best[0]):
+                best = (pos, k)
+    return section if best is None else f"{section}.{best[1]}"
 
 
 def build_registry_object(cfg, section, base):
@@ -1175,10 +1176,9 @@ def validation_callback(cfg, built, parts):
     """H3's retrieval evaluation on the validation classes (``val_*``)."""
     from tfdml import eval as eval_lib
 
-    x, y = built.data.arrays("val")
     ev = cfg["eval"]
     return eval_lib.RetrievalEvaluationCallback(
-        (x, y),
+        built.data.eval_dataset("val", ev["batch_size"]),
         encoder=parts.encoder,
         prefix="val_",
         every_n_epochs=ev["every_n_epochs"],
@@ -1191,24 +1191,23 @@ def validation_callback(cfg, built, parts):
     )
 
 
-def embed(encoder, x, batch_size):
-    import numpy as np
+def embed_dataset(encoder, ds):
+    """``(embeddings float32 [N, d], labels int32 [N])`` of a dataset."""
+    import tensorflow as tf
 
-    out = []
-    for i in range(0, len(x), batch_size):
-        out.append(
-            np.asarray(
-                encoder(x[i : i + batch_size], training=False)["embeddings"],
-                dtype="float32",
-            )
-        )
-    return np.concatenate(out) if out else np.zeros((0, 1), "float32")
+    fn = tf.function(lambda x: encoder(x, training=False)["embeddings"])
+    embs, labels = [], []
+    for x, y in ds:
+        embs.append(np.asarray(fn(x), np.float32))
+        labels.append(np.asarray(y, np.int32).reshape(-1))
+    return np.concatenate(embs), np.concatenate(labels)
 
 
-def test_metrics(cfg, encoder, x, y):
+def evaluate_split(cfg, encoder, ds):
+    """Retrieval metrics of ``encoder`` on ``ds`` (queries = references)."""
     from tfdml import eval as eval_lib
 
-    emb = embed(encoder, x, cfg["eval"]["batch_size"])
+    emb, y = embed_dataset(encoder, ds)
     metrics = eval_lib.retrieval_metrics(
         emb,
         y,
@@ -1216,7 +1215,7 @@ def test_metrics(cfg, encoder, x, y):
         method="scann" if cfg["eval"]["index"] == "scann" else "exact",
         seed=cfg["train"]["seed"],
     )
-    return {k: _plain(v) for k, v in metrics.items()}, emb
+    return {k: _plain(v) for k, v in metrics.items()}, emb, y
 
 
 def finish(cfg, built, parts, run_dir, state):
@@ -1225,25 +1224,27 @@ def finish(cfg, built, parts, run_dir, state):
 
     final_path = os.path.join(run_dir, "final_encoder.keras")
     parts.encoder.save(final_path)
-    x, y = built.data.arrays("test")
+    ds = built.data.eval_dataset("test", cfg["eval"]["batch_size"])
     report = {
         "classes": "test (never used for model selection)",
-        "num_queries": int(len(y)),
-        "num_classes": int(len(set(y.tolist()))),
         "best_epoch": state.best_epoch,
         "best_val": state.best,
         "monitor": "val_" + cfg["eval"]["monitor"],
     }
-    report["final"], emb = test_metrics(cfg, parts.encoder, x, y)
+    report["final"], emb, y = evaluate_split(cfg, parts.encoder, ds)
+    report["num_queries"] = int(len(y))
+    report["num_classes"] = int(len(np.unique(y)))
     best_path = os.path.join(run_dir, "best_encoder.keras")
     if os.path.exists(best_path):
         best = keras.saving.load_model(best_path, compile=False)
-        report["best"], _ = test_metrics(cfg, best, x, y)
+        report["best"], _, _ = evaluate_split(cfg, best, ds)
     _atomic_write(
         os.path.join(run_dir, "eval_test.json"), json.dumps(report, indent=2)
     )
     if cfg["eval"]["plots"]:
-        _plots(cfg, run_dir, emb, x, y, report)
+        n = min(len(y), 2000)
+        x, _ = built.data.arrays("test", limit=n)
+        _plots(cfg, run_dir, emb[:n], x, y[:n], report)
     if cfg["export"]["enabled"]:
         export_encoder(cfg, run_dir, parts.encoder, emb, y)
     _print_summary(report)

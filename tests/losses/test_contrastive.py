@@ -172,3 +172,17 @@ def test_miner_narrows_pairs():
         labels, emb
     ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pair_weights_multiply_pair_losses():
+    emb, labels = edge_batches()["seeded"]
+    loss = ContrastiveLoss(form="similarity")
+    w = np.random.default_rng(0).random((len(labels), len(labels)))
+    got = loss.per_anchor(emb, labels, pair_weights=w.astype(np.float32))
+    sim = reference.cosine(emb)
+    want = np.zeros(len(labels))
+    for i, (pos, neg) in enumerate(reference.pos_neg_lists(labels)):
+        want[i] = sum(w[i, j] * max(0, 0.8 - sim[i, j]) for j in pos) + sum(
+            w[i, k] * max(0, sim[i, k] - 0.5) for k in neg
+        )
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)

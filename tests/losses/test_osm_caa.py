@@ -142,14 +142,14 @@ def test_caa_invariance_to_scaling():
     for official in (False, True):
         base = weighted_contrastive(dist, pos, neg, att, official_code=official)
         scaled = weighted_contrastive(
-            dist, pos, neg, 7.5 * att, official_code=official, symmetric=True
+            dist, pos, neg, 7.5 * att, official_code=official, multiplicity=2.0
         )
         base_s = weighted_contrastive(
-            dist, pos, neg, att, official_code=official, symmetric=True
+            dist, pos, neg, att, official_code=official, multiplicity=2.0
         )
         np.testing.assert_allclose(scaled.numpy(), base_s.numpy(), rtol=1e-5)
         plain = weighted_contrastive(
-            dist, pos, neg, None, official_code=official, symmetric=True
+            dist, pos, neg, None, official_code=official, multiplicity=2.0
         )
         assert not np.allclose(plain.numpy(), base_s.numpy())
         assert base.shape == (16,)
@@ -206,6 +206,60 @@ def test_reference_set_of_another_size():
     np.testing.assert_allclose(per, want, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="ref_probs"):
         loss.per_anchor(emb, labels, bank, bank_labels, probs=p)
+
+
+@pytest.mark.parametrize("official_code", [False, True])
+def test_dml_model_style_references(official_code):
+    # DMLModel passes the batch (with ids) plus memory rows as references.
+    emb, labels = make_batch(0, classes=3, per_class=3)
+    bank, bank_labels = make_batch(7, classes=4, per_class=3)
+    p, q = probs_for(9, 0), probs_for(12, 1)
+    ids = np.arange(9)
+    loss = WeightedContrastiveLoss(official_code=official_code)
+    alone = loss.per_anchor(emb, labels, probs=p).numpy()
+    same = loss.per_anchor(
+        emb, labels, emb, labels, ids, ids, probs=p, ref_probs=p
+    ).numpy()
+    np.testing.assert_allclose(same, alone, rtol=1e-5, atol=1e-8)
+    both = loss.per_anchor(
+        emb,
+        labels,
+        np.concatenate([emb, bank]),
+        np.concatenate([labels, bank_labels]),
+        ids,
+        np.concatenate([ids, 100 + np.arange(12)]),
+        probs=p,
+        ref_probs=np.concatenate([p, q]),
+    ).numpy()
+    # reference: unordered in-batch pairs once, plus (anchor, bank) pairs
+    a = refw.gaussian_pdf(p.astype(np.float64), 1.0, 0.68)
+    b = refw.gaussian_pdf(q.astype(np.float64), 1.0, 0.68)
+    rows = []
+    for i in range(9):
+        for j in range(i + 1, 9):
+            d = np.linalg.norm(emb[i].astype(np.float64) - emb[j])
+            rows.append((i, j, d, labels[i] == labels[j], min(a[i], a[j])))
+        for j in range(12):
+            d = np.linalg.norm(emb[i].astype(np.float64) - bank[j])
+            y = labels[i] == bank_labels[j]
+            rows.append((i, None, d, y, min(a[i], b[j])))
+    ws = [
+        (np.exp(-(d**2) / 1.28) if y else max(0, 1.2 - d)) * att
+        for (_, _, d, y, att) in rows
+    ]
+    zp = sum(w for w, r in zip(ws, rows) if r[3])
+    zn = sum(w for w, r in zip(ws, rows) if not r[3])
+    want = np.zeros(9)
+    for (i, j, d, y, _), w in zip(rows, ws):
+        c = 0.25 * w * d**2 / zp if y else 0.25 * w * max(0, 1.2 - d) ** 2 / zn
+        if official_code:
+            c /= len(rows)
+        if j is None:
+            want[i] += 9 * c
+        else:
+            want[i] += 9 * c / 2
+            want[j] += 9 * c / 2
+    np.testing.assert_allclose(both, want, rtol=1e-4, atol=1e-8)
 
 
 def test_xla_equals_eager():

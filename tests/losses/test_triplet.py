@@ -137,3 +137,23 @@ def test_all_triplets_memory_is_documented_shape():
         emb, labels, ref_embeddings=ref, ref_labels=np.tile(labels, 8)
     )
     assert out.shape == (len(labels),)
+
+
+@pytest.mark.parametrize("mining", ["all", "semi-hard", "hard"], ids=str)
+def test_pair_weights_scale_triplets(mining):
+    # Triplet weight = w_ap * w_an; uniform weights 2 -> 4x every triplet.
+    from tfdml.losses.triplet import triplet_margin
+
+    emb, labels = make_batch(3)
+    sim = tf.constant(reference.cosine(emb).astype(np.float32))
+    lists = reference.pos_neg_lists(labels)
+    pos = np.zeros(sim.shape, bool)
+    neg = np.zeros(sim.shape, bool)
+    for i, (p, n) in enumerate(lists):
+        pos[i, p] = True
+        neg[i, n] = True
+    kw = dict(margin=0.3, mining=mining, pair_reduction="sum")
+    plain = triplet_margin(sim, pos, neg, **kw).numpy()
+    weighted = triplet_margin(sim, pos, neg, 2.0 * tf.ones_like(sim), **kw)
+    np.testing.assert_allclose(weighted.numpy(), 4.0 * plain, rtol=1e-6)
+    assert plain.max() > 0

@@ -60,7 +60,10 @@ def main(nrep, out):
         loss=np.array(hist.history["loss"]),
         gate=np.array(hist.history["gate_open"]),
         moved=np.array(
-            max(np.abs(a - b).max() for a, b in zip(init, model.encoder.get_weights()))
+            max(
+                np.abs(a - b).max()
+                for a, b in zip(init, model.encoder.get_weights())
+            )
         ),
     )
     np.savez(out, **arrays)

@@ -11,6 +11,7 @@ from tfdml.meta import meta_dataset
 from tfdml.meta import validation_dataset
 from tfdml.models import build_embedding_model
 
+
 def dense_encoder(seed=0, p=6, d=4):
     keras.utils.set_random_seed(seed)
     inp = keras.Input((p,))
@@ -31,7 +32,9 @@ def dense_data(k=3, classes=4, seed=0, steps=2):
 
 
 def _moved(before, model):
-    return max(np.abs(a - b).max() for a, b in zip(before, model.encoder.get_weights()))
+    return max(
+        np.abs(a - b).max() for a, b in zip(before, model.encoder.get_weights())
+    )
 
 
 def test_fit_smoke_small_cnn():
@@ -116,9 +119,10 @@ def test_nested_and_fast_paths_train_identically(base):
         weights.append(model.encoder.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert _moved(
-        [np.array(w) for w in dense_encoder().get_weights()], model
-    ) > 1e-3
+    assert (
+        _moved([np.array(w) for w in dense_encoder().get_weights()], model)
+        > 1e-3
+    )
 
 
 def test_xla_step_matches_eager():

@@ -9,7 +9,6 @@ class repeats.
 
 import numpy as np
 
-from tfdml.data.sources import ArraySource
 from tfdml.data.splits import split_classes
 
 
@@ -188,9 +187,7 @@ def steps_per_epoch(source, classes, classes_per_batch, samples_per_class):
 
 
 def _fixed_size_arrays(source):
-    return isinstance(source, ArraySource) and isinstance(
-        source.images, np.ndarray
-    )
+    return isinstance(getattr(source, "images", None), np.ndarray)
 
 
 def balanced_dataset(
@@ -287,7 +284,10 @@ def eval_dataset(
         raise ValueError(f"batch_size must be >= 1; received {batch_size}")
     idx = split_indices(source, classes, max_per_class)
     ds = source.dataset(idx).map(
-        lambda x, y: (preprocess(x, image_size, channels), tf.cast(y, tf.int32)),
+        lambda x, y: (
+            preprocess(x, image_size, channels),
+            tf.cast(y, tf.int32),
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )

@@ -26,6 +26,12 @@ SAMPLER_KEYS = frozenset(
     }
 )
 
+# Arrays up to this size go into tf.data as constants (graph limit 2 GB).
+MAX_CONSTANT_BYTES = 1 << 30
+
+# TFDS images of a fixed shape are decoded into one array up to this size.
+MAX_DECODED_BYTES = 3 << 30
+
 # Default label keys of TFDS data sets whose label is not called "label".
 TFDS_LABEL_KEYS = {"stanford_online_products": "class_id"}
 
@@ -132,7 +138,9 @@ class ArraySource(Source):
             if images.shape[-1] == 4:
                 images = images[..., :3]
         else:
-            images = [_as_hwc(im, f"images[{i}]") for i, im in enumerate(images)]
+            images = [
+                _as_hwc(im, f"images[{i}]") for i, im in enumerate(images)
+            ]
         if len(images) != len(labels):
             raise ValueError(
                 f"images and labels differ in length: {len(images)} vs "
@@ -163,6 +171,19 @@ class ArraySource(Source):
         )
         image.set_shape(shape)
         return image
+
+    def dataset(self, indices):
+        indices = np.asarray(indices, np.int64)
+        if (
+            not isinstance(self.images, np.ndarray)
+            or self.images[:1].nbytes * len(indices) > MAX_CONSTANT_BYTES
+        ):
+            return super().dataset(indices)
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices(
+            (self.images[indices], self.labels[indices])
+        )
 
 
 class NpzSource(ArraySource):
@@ -249,7 +270,9 @@ class SyntheticSource(ArraySource):
         max_shift=2,
     ):
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2; received {num_classes}")
+            raise ValueError(
+                f"num_classes must be >= 2; received {num_classes}"
+            )
         if size < 4:
             raise ValueError(f"size must be >= 4; received {size}")
         if channels not in (1, 3):
@@ -323,7 +346,9 @@ class TfdsSource(Source):
             raise ValueError("data.name: a TFDS name is required")
         base = name.split("/")[0].split(":")[0]
         label_key = label_key or TFDS_LABEL_KEYS.get(base, "label")
-        builder = tfds.builder(name, data_dir=data_dir, **(builder_kwargs or {}))
+        builder = tfds.builder(
+            name, data_dir=data_dir, **(builder_kwargs or {})
+        )
         features = builder.info.features
         for key, what in ((image_key, "image_key"), (label_key, "label_key")):
             if key not in features:
@@ -341,6 +366,15 @@ class TfdsSource(Source):
         encoded, labels = self._read(tfds, builder, split)
         self.encoded = np.asarray(encoded, dtype=object)
         self.labels = np.asarray(labels, np.int64)
+        self.images = None
+        shape = getattr(features[image_key], "shape", None)
+        if (
+            shape
+            and None not in shape
+            and len(shape) == 3
+            and int(np.prod(shape)) * len(encoded) <= MAX_DECODED_BYTES
+        ):
+            self.images = self._decode_all(shape)
         names = getattr(features[label_key], "names", None)
         self.class_names = list(names) if names else None
 
@@ -354,9 +388,10 @@ class TfdsSource(Source):
                 shuffle_files=False,
                 decoders={self.image_key: tfds.decode.SkipDecoding()},
             )
-            for ex in ds.as_numpy_iterator():
-                encoded.append(bytes(ex[self.image_key]))
-                labels.append(int(ex[self.label_key]))
+            ds = ds.map(lambda e: (e[self.image_key], e[self.label_key]))
+            for images, ys in ds.batch(1024).as_numpy_iterator():
+                encoded.extend(bytes(b) for b in images)
+                labels.extend(int(v) for v in ys)
         except (tf.errors.OpError, ValueError):
             # Some readers (e.g. tfds.testing.mock_data with bounding
             # boxes) cannot skip decoding: decode and re-encode as PNG.
@@ -367,9 +402,31 @@ class TfdsSource(Source):
                 labels.append(int(ex[self.label_key]))
         return encoded, labels
 
+    def _decode_all(self, shape):
+        """Fixed-shape images (e.g. the glyph sets) -> one uint8 array."""
+        import tensorflow as tf
+
+        out = np.empty((len(self.encoded), *shape), np.uint8)
+        ds = tf.data.Dataset.from_tensor_slices(
+            tf.constant(list(self.encoded), tf.string)
+        )
+        ds = ds.map(
+            lambda b: tf.io.decode_image(b, expand_animations=False),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        ).batch(4096)
+        pos = 0
+        for batch in ds.as_numpy_iterator():
+            out[pos : pos + len(batch)] = batch.reshape(-1, *shape)
+            pos += len(batch)
+        self.encoded = None  # the array replaces the encoded bytes
+        return out
+
     def load(self, index):
         import tensorflow as tf
 
+        if self.images is not None:
+            return self.images[index]
         return tf.io.decode_image(
             self.encoded[index], expand_animations=False
         ).numpy()
@@ -377,6 +434,12 @@ class TfdsSource(Source):
     def tf_load(self, index):
         import tensorflow as tf
 
+        if self.images is not None:
+            image = tf.numpy_function(
+                lambda i: self.images[int(i)], [index], tf.uint8, stateful=False
+            )
+            image.set_shape(self.images.shape[1:])
+            return image
         data = tf.numpy_function(
             lambda i: self.encoded[int(i)], [index], tf.string, stateful=False
         )

@@ -16,6 +16,9 @@ contrastive with a positive margin)::
 
 ``power=2`` with ``pos_margin=0`` gives Hadsell et al.'s squared form.
 
+Distances come from the cosine similarity (``d = sqrt(2 - 2 S)``), so they
+assume unit-norm embeddings (``normalize=True``, the default).
+
 How pair losses become an anchor's loss (``pair_reduction``; positives and
 negatives are reduced separately and added, as PML does):
 

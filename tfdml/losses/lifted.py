@@ -6,6 +6,9 @@ Leibe, arXiv 1703.07737, Sec. 2, PML ``GeneralizedLiftedStructureLoss``).
 ``D`` is the Euclidean distance of L2-normalised embeddings
 (``sqrt(2 - 2 S)``, PML's default distance).
 
+Distances come from the cosine similarity (``d = sqrt(2 - 2 S)``), so they
+assume unit-norm embeddings (``normalize=True``, the default).
+
 ``form="song"`` (default, the paper's smooth relaxation, also PML's
 ``LiftedStructureLoss`` and tfa's ``lifted_struct_loss``)::
 

@@ -21,9 +21,10 @@ contrastive loss, which divides by the number of pairs P)::
 
 (for another λ the code form is the paper form divided by P). Pairs are
 unordered (i < j, counted once): with the batch as its own reference set the
-``[B, B]`` matrix lists each pair twice, which leaves the normalised sums
-unchanged, and ``P = (number of listed pairs) / 2``. With a reference set of
-another size every (anchor, reference) pair is listed once.
+``[B, B]`` matrix lists each pair twice, so every listed entry counts 1/2
+(``P = listed / 2``). With a reference set (``DMLModel`` passes the batch
+plus memory / synthetic rows) a reference whose example id is an anchor's id
+counts 1/2 and any other reference (memory slot, synthetic row) counts 1.
 
 Per-anchor values (``reduction=None``, :meth:`per_anchor`): each pair's
 contribution is split equally between its two members (for a memory-bank
@@ -78,12 +79,15 @@ def weighted_contrastive(
     sigma=0.8,
     lambda_=0.5,
     official_code=False,
-    symmetric=False,
+    multiplicity=1.0,
 ):
     """Per-anchor OSM(+CAA) weighted contrastive loss ``[B]``.
 
     ``dist`` ``[B, M]`` Euclidean distances, ``attention`` ``[B, M]`` CAA
-    pair attention (None: uniform), ``pair_weights`` extra weights.
+    pair attention (None: uniform), ``pair_weights`` extra weights,
+    ``multiplicity`` (scalar, ``[M]`` or ``[B, M]``): how many times each
+    unordered pair is listed (2 when the reference is also an anchor, so
+    that ``(j, i)`` is listed too; 1 for a memory-bank reference).
     """
     dist = tf.cast(dist, tf.float32)
     pos_mask = tf.cast(pos_mask, tf.bool)
@@ -97,6 +101,11 @@ def weighted_contrastive(
     if pair_weights is not None:
         pw = tf.stop_gradient(tf.cast(pair_weights, tf.float32))
         s_pos, s_neg = s_pos * pw, s_neg * pw
+    # each unordered pair counts once: listed entries weigh 1 / multiplicity
+    share = 1.0 / tf.broadcast_to(
+        tf.cast(multiplicity, tf.float32), tf.shape(dist)
+    )
+    s_pos, s_neg = s_pos * share, s_neg * share
     w_pos = s_pos / tf.maximum(tf.reduce_sum(s_pos), 1e-12)
     w_neg = s_neg / tf.maximum(tf.reduce_sum(s_neg), 1e-12)
     f_pos = 0.5 * tf.square(dist)
@@ -105,11 +114,8 @@ def weighted_contrastive(
         pos_mask, f_pos, 0.0
     ) + lambda_ * tf.stop_gradient(w_neg) * tf.where(neg_mask, f_neg, 0.0)
     if official_code:
-        pairs = tf.reduce_sum(
-            tf.cast(tf.logical_or(pos_mask, neg_mask), tf.float32)
-        )
-        if symmetric:
-            pairs = pairs / 2.0
+        listed = tf.cast(tf.logical_or(pos_mask, neg_mask), tf.float32)
+        pairs = tf.reduce_sum(listed * share)
         contrib = tf.math.divide_no_nan(contrib, pairs)
     batch = tf.cast(tf.shape(dist)[0], tf.float32)
     return batch * tf.reduce_sum(contrib, axis=1)
@@ -199,8 +205,8 @@ class WeightedContrastiveLoss(PairLoss):
         **context,
     ):
         labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
-        symmetric = ref_embeddings is None
-        if not symmetric:
+        multiplicity = 2.0
+        if ref_embeddings is not None:
             ref_labels, ref_embeddings = ops.check_labels_embeddings(
                 ref_labels, ref_embeddings, name="ref_labels"
             )
@@ -209,7 +215,7 @@ class WeightedContrastiveLoss(PairLoss):
             if self.normalize
             else tf.cast(embeddings, tf.float32)
         )
-        if symmetric:
+        if ref_embeddings is None:
             b = a
         else:
             b = (
@@ -220,6 +226,19 @@ class WeightedContrastiveLoss(PairLoss):
         sim = tf.matmul(a, b, transpose_b=True)
         dist = ops.pairwise_distance(a, b)
         pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
+        if ref_embeddings is not None:
+            multiplicity = 1.0
+            if ids is not None and ref_ids is not None:
+                # a reference with an anchor's id is that anchor: the pair
+                # is listed twice, (i, j) and (j, i)
+                is_anchor = tf.reduce_any(
+                    tf.equal(
+                        tf.cast(ref_ids, tf.int32)[:, None],
+                        tf.cast(ids, tf.int32)[None, :],
+                    ),
+                    axis=1,
+                )
+                multiplicity = tf.where(is_anchor, 2.0, 1.0)[None, :]
         if self.miner is not None:
             pos, neg = self.miner(sim, pos, neg)
         return self.pair_loss(
@@ -228,7 +247,7 @@ class WeightedContrastiveLoss(PairLoss):
             neg,
             pair_weights=pair_weights,
             distance=dist,
-            symmetric=symmetric,
+            multiplicity=multiplicity,
             **context,
         )
 
@@ -239,17 +258,16 @@ class WeightedContrastiveLoss(PairLoss):
         neg_mask,
         pair_weights=None,
         distance=None,
-        symmetric=None,
+        multiplicity=None,
         probs=None,
         ref_probs=None,
         **context,
     ):
         if distance is None:
             distance = ops.distance_from_similarity(tf.cast(sim, tf.float32))
-        if symmetric is None:
-            symmetric = (
-                sim.shape[0] is not None and sim.shape[0] == sim.shape[1]
-            )
+        square = sim.shape[0] is not None and sim.shape[0] == sim.shape[1]
+        if multiplicity is None:  # the batch against itself, or a bank
+            multiplicity = 2.0 if square else 1.0
         attention = None
         if self.use_caa:
             if probs is None:
@@ -259,7 +277,7 @@ class WeightedContrastiveLoss(PairLoss):
                     "`ref_probs`) to per_anchor, or y_pred as a dict with "
                     "'logits'; received probs=None."
                 )
-            if ref_probs is None and not symmetric:
+            if ref_probs is None and not square:
                 raise ValueError(
                     "`ref_probs` is required with a reference set; "
                     "received ref_probs=None."
@@ -281,7 +299,7 @@ class WeightedContrastiveLoss(PairLoss):
             sigma=self.sigma,
             lambda_=self.lambda_,
             official_code=self.official_code,
-            symmetric=symmetric,
+            multiplicity=multiplicity,
         )
 
     def get_config(self):

@@ -16,6 +16,9 @@ default) or the cosine distance ``1 - S``. Which triplets (``mining``):
 * ``"hard"``: batch-hard: the farthest positive and the closest negative of
   each anchor (one triplet per anchor).
 
+Distances are computed from the cosine similarity, so they assume unit-norm
+embeddings (``normalize=True``, the default, or already normalised ones).
+
 Anchor loss: the reduction of its triplet losses by ``pair_reduction``
 (default ``"avg_nonzero"``, PML's ``AvgNonZeroReducer`` per anchor; ``"pml"``
 is PML's batch-level reducer, see :mod:`tfdml.losses.contrastive`). An anchor
@@ -68,11 +71,12 @@ def triplet_margin(
             loss = loss * w[:, :, None] * w[:, None, :]
         return reduce_pairs(loss, mask, pair_reduction)
     if mining == "semi-hard":
-        d_an, exists = smallest_greater(dist, neg_mask, dist)
+        d_an, exists, n_idx = smallest_greater(
+            dist, neg_mask, dist, return_index=True
+        )
         loss = tf.nn.relu(dist - d_an + margin)
         if w is not None:
-            w_an = _weight_of(dist, neg_mask, d_an, w)
-            loss = loss * w * w_an
+            loss = loss * w * tf.gather(w, n_idx, axis=1, batch_dims=1)
         return reduce_pairs(
             loss, tf.logical_and(pos_mask, exists), pair_reduction
         )
@@ -87,16 +91,6 @@ def triplet_margin(
         tf.reduce_any(pos_mask, axis=1), tf.reduce_any(neg_mask, axis=1)
     )
     return reduce_pairs(loss[:, None], valid[:, None], pair_reduction)
-
-
-def _weight_of(dist, mask, chosen, w):
-    # Weight of the chosen negative of each (anchor, positive): the weight of
-    # the first negative whose distance equals the chosen one.
-    eq = tf.logical_and(
-        mask[:, None, :], dist[:, None, :] == chosen[:, :, None]
-    )
-    first = tf.argmax(tf.cast(eq, tf.int32), axis=2, output_type=tf.int32)
-    return tf.stop_gradient(tf.gather(w, first, axis=1, batch_dims=1))
 
 
 def _hard_weight(dist, mask, chosen, w):

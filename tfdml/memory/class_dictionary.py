@@ -203,9 +203,7 @@ class ClassDictionary(keras.layers.Layer):
         order_key = tf.where(new, first_row, tf.int32.max)
         new_rank = tf.argsort(tf.argsort(order_key, stable=True), stable=True)
         self.first_seen.assign(tf.where(new, num_seen + new_rank, first))
-        self.num_seen.assign(
-            num_seen + tf.reduce_sum(tf.cast(new, tf.int32))
-        )
+        self.num_seen.assign(num_seen + tf.reduce_sum(tf.cast(new, tf.int32)))
 
     def reset(self):
         """Empties the dictionary."""

@@ -47,7 +47,6 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.memory.class_dictionary import ClassDictionary
-from tfdml.meta.forms import MMSIPairLoss
 from tfdml.meta.forms import get_base
 from tfdml.models.dml_model import DMLModel
 from tfdml.models.dml_model import scale_loss_for_distribution
@@ -134,9 +133,7 @@ def similarity_jvp(base, e, e_dot):
 
 def meta_loss(base, emb_val, y_val, ref, ref_labels, ref_valid):
     """G-form: mean over validation anchors against the dictionary."""
-    per = base.per_anchor(
-        emb_val, y_val, ref, ref_labels, ref_valid=ref_valid
-    )
+    per = base.per_anchor(emb_val, y_val, ref, ref_labels, ref_valid=ref_valid)
     return tf.reduce_mean(per)
 
 
@@ -158,9 +155,7 @@ def _batch_masks(labels, ids=None):
 
 
 def _zeros_for_none(grads, values):
-    return [
-        tf.zeros_like(v) if g is None else g for g, v in zip(grads, values)
-    ]
+    return [tf.zeros_like(v) if g is None else g for g, v in zip(grads, values)]
 
 
 def nested_raw_weights(
@@ -289,7 +284,11 @@ class MMSIModel(DMLModel):
       normalization: ``"joint"`` (official) or ``"separate"``.
       fallback: ``"skip"`` / ``"uniform"`` / ``"zeros"`` (see
         :func:`normalize_weights`).
-      **kwargs: passed to :class:`DMLModel`.
+      **kwargs: passed to :class:`DMLModel` (``name``;
+        ``classification_loss_weight`` must stay 0).
+
+    Layer regularisation losses of the encoder are not added to the W-form
+    loss (the encoder runs through ``stateless_call``).
 
     ``fit`` takes a zipped dataset ``((x, y), (x_val, y_val))``, e.g. from
     :func:`meta_dataset`. Logged: ``loss`` (W-form), ``pos_sim``,
@@ -328,6 +327,12 @@ class MMSIModel(DMLModel):
                 f"`augmenter` must be None; received memory={memory!r}, "
                 f"augmenter={augmenter!r}."
             )
+        if kwargs.get("classification_loss_weight", 0.0):
+            raise ValueError(
+                "MMSIModel has no classification loss; received "
+                "classification_loss_weight="
+                f"{kwargs['classification_loss_weight']!r}."
+            )
         super().__init__(encoder, **kwargs)
         self.base_loss = get_base(base_loss)
         self.meta_path = _choice("path", path, PATHS)
@@ -337,8 +342,7 @@ class MMSIModel(DMLModel):
         self.fallback = _choice("fallback", fallback, FALLBACKS)
         if virtual_lr is None or not virtual_lr > 0:
             raise ValueError(
-                "`virtual_lr` must be > 0; received "
-                f"virtual_lr={virtual_lr!r}."
+                f"`virtual_lr` must be > 0; received virtual_lr={virtual_lr!r}."
             )
         self.virtual_lr = float(virtual_lr)
         if (
@@ -379,7 +383,10 @@ class MMSIModel(DMLModel):
     # -- the meta step -----------------------------------------------------
     def _snapshot(self):
         enc = self.encoder
-        tv = [tf.identity(tf.convert_to_tensor(v)) for v in enc.trainable_variables]
+        tv = [
+            tf.identity(tf.convert_to_tensor(v))
+            for v in enc.trainable_variables
+        ]
         ntv = [
             tf.identity(tf.convert_to_tensor(v))
             for v in enc.non_trainable_variables
@@ -431,9 +438,7 @@ class MMSIModel(DMLModel):
             # v = grad L_g needs this step's features in the dictionary
             # first (official order), hence one plain forward before.
             out1, _ = _embed(self.encoder, tv, ntv, x)
-            feats = DMLModel._gather(
-                tf.cast(out1["embeddings"], tf.float32)
-            )
+            feats = DMLModel._gather(tf.cast(out1["embeddings"], tf.float32))
             labs = DMLModel._gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
             self.dictionary.enqueue(tf.stop_gradient(feats), labs)
             ref, ref_lab, valid = self.dictionary.entries()
@@ -586,7 +591,8 @@ def validation_dataset(images, labels, classes_per_batch=10, seed=0):
     if classes_per_batch < 1 or classes_per_batch > len(classes):
         raise ValueError(
             "`classes_per_batch` must be in [1, number of classes = "
-            f"{len(classes)}]; received classes_per_batch={classes_per_batch!r}."
+            f"{len(classes)}]; received "
+            f"classes_per_batch={classes_per_batch!r}."
         )
     counts = np.bincount(inverse)
     table = np.full((len(classes), counts.max()), -1, np.int64)

@@ -22,7 +22,7 @@ from tfdml.mining.base import Miner
 _BIG = -ops.NEG_INF
 
 
-def smallest_greater(x, mask, queries):
+def smallest_greater(x, mask, queries, return_index=False):
     """Per row, the smallest masked ``x`` strictly greater than each query.
 
     Args:
@@ -33,7 +33,8 @@ def smallest_greater(x, mask, queries):
     Returns:
       ``(values, exists)``, both ``[B, N]``. Where no candidate is greater,
       ``exists`` is False and ``values`` holds a finite sentinel (or the last
-      candidate); gradients flow to the chosen ``x`` entries.
+      candidate); gradients flow to the chosen ``x`` entries. With
+      ``return_index``, also the ``[B, N]`` column of the chosen entry.
     """
     x = tf.cast(x, tf.float32)
     mask = tf.cast(mask, tf.bool)
@@ -46,7 +47,10 @@ def smallest_greater(x, mask, queries):
     count = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1, keepdims=True)
     exists = idx < count
     last = tf.shape(x)[1] - 1
-    values = tf.gather(sorted_x, tf.minimum(idx, last), axis=1, batch_dims=1)
+    pick = tf.minimum(idx, last)
+    values = tf.gather(sorted_x, pick, axis=1, batch_dims=1)
+    if return_index:
+        return values, exists, tf.gather(order, pick, axis=1, batch_dims=1)
     return values, exists
 
 

@@ -11,6 +11,12 @@ class Weighting:
     mask and carry no gradient (``tf.stop_gradient``). ``context`` carries
     optional per-example inputs such as ``probs`` / ``ref_probs`` (the
     true-class probabilities that CAA needs).
+
+    Subclasses also set ``space``: ``"similarity"`` when the weights are
+    ``|∂L/∂S|`` of the loss they come from (MS, binomial), ``"distance"``
+    when they are ``|∂L/∂D|`` for ``D = sqrt(2 - 2 S)`` (lifted, OSM, CAA);
+    :class:`tfdml.losses.GeneralPairWeightingLoss` converts with the chain
+    rule.
     """
 
     def __call__(self, sim, pos_mask, neg_mask, **context):

@@ -1,7 +1,8 @@
 """Glyph rendering from Debian font packages (class = character, instance =
 font). Pinned package lists, package checks and installation, face
 selection (one face per family, no mostly-blank faces, no near-duplicate
-faces) and rendering. Needs Pillow and fontTools (``pip install tfdml[glyphs]``).
+faces) and rendering. Needs Pillow and fontTools
+(``pip install tfdml[glyphs]``).
 
 These are typefaces, not photos or handwriting.
 """
@@ -58,6 +59,10 @@ ALL_PACKAGES = sorted(set(CJK_PACKAGES) | {"dataset-fashion-mnist"})
 CJK_RANGE = (0x4E00, 0xA000)  # CJK Unified Ideographs
 HANGUL_RANGE = (0xAC00, 0xD7A4)  # Hangul syllables
 
+# Proportional-width variants (IPA PGothic, VL PGothic, Komatuna P, ...)
+# draw the same ideographs as their fixed-width family: never kept.
+PROPORTIONAL = re.compile(r"(^|\s|IPA)P(Gothic|Mincho)\b|\sP$")
+
 PREFERRED_STYLES = ("regular", "book", "medium", "normal", "w3", "w4", "r", "")
 
 
@@ -71,7 +76,8 @@ class MissingPackagesError(RuntimeError):
             + " ".join(self.packages)
             + ". Install them as root with: apt-get update && "
             "DEBIAN_FRONTEND=noninteractive apt-get install -y "
-            "--no-install-recommends " + " ".join(self.packages)
+            "--no-install-recommends "
+            + " ".join(self.packages)
             + " (or run tools/install_fonts.sh)"
         )
 
@@ -118,7 +124,9 @@ def ensure_packages(packages, install=True):
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends"]
     res = subprocess.run([*cmd, *missing], env=env, capture_output=True)
     if res.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "update", "-q"], env=env, capture_output=True
+        )
         subprocess.run([*cmd, *missing], env=env, capture_output=True)
     still = missing_packages(missing)
     if still:
@@ -161,7 +169,7 @@ def list_faces(paths):
                     or name.getDebugName(1)
                     or os.path.basename(p)
                 ).strip()
-                sty = (name.getDebugName(17) or name.getDebugName(2) or "")
+                sty = name.getDebugName(17) or name.getDebugName(2) or ""
                 cmap = f.getBestCmap() or {}
             except Exception:  # noqa: BLE001
                 continue
@@ -217,7 +225,11 @@ def select_faces(
         if isinstance(min_font_coverage, int)
         else min_font_coverage * len(cps)
     )
-    faces = [f for f in list_faces(font_paths) if len(f[4] & cps) >= need]
+    faces = [
+        f
+        for f in list_faces(font_paths)
+        if len(f[4] & cps) >= need and not PROPORTIONAL.search(f[2])
+    ]
     best = {}
     for f in faces:
         rank = next(

@@ -113,14 +113,17 @@ class _GlyphBuilder(tfds.core.GeneratorBasedBuilder):
         for i in range(len(data["labels"])):
             label = int(data["labels"][i])
             font_id = int(data["font_ids"][i])
-            yield i, {
-                "image": data["images"][i][:, :, None],
-                "label": label,
-                "character": data["chars"][label],
-                "codepoint": ord(data["chars"][label]),
-                "font_id": font_id,
-                "font_name": data["fonts"][font_id],
-            }
+            yield (
+                i,
+                {
+                    "image": data["images"][i][:, :, None],
+                    "label": label,
+                    "character": data["chars"][label],
+                    "codepoint": ord(data["chars"][label]),
+                    "font_id": font_id,
+                    "font_name": data["fonts"][font_id],
+                },
+            )
 
 
 class CjkGlyphs(_GlyphBuilder):
