@@ -1,17 +1,23 @@
 """Pair losses as Keras Loss subclasses."""
 
 from tfdml.losses.base import PairLoss  # noqa: F401
-from tfdml.losses.multi_similarity import MultiSimilarityLoss  # noqa: F401
-from tfdml.losses.multi_similarity import multi_similarity  # noqa: F401
+from tfdml.losses.binomial import BinomialDevianceLoss  # noqa: F401
+from tfdml.losses.binomial import binomial_deviance  # noqa: F401
+from tfdml.losses.circle import CircleLoss  # noqa: F401
+from tfdml.losses.circle import circle  # noqa: F401
 from tfdml.losses.contrastive import ContrastiveLoss  # noqa: F401
 from tfdml.losses.contrastive import contrastive  # noqa: F401
-from tfdml.losses.triplet import TripletMarginLoss  # noqa: F401
-from tfdml.losses.triplet import triplet_margin  # noqa: F401
+from tfdml.losses.gpw import GeneralPairWeightingLoss  # noqa: F401
+from tfdml.losses.gpw import general_pair_weighting  # noqa: F401
 from tfdml.losses.lifted import LiftedStructureLoss  # noqa: F401
 from tfdml.losses.lifted import lifted_structure_generalized  # noqa: F401
 from tfdml.losses.lifted import lifted_structure_song  # noqa: F401
+from tfdml.losses.multi_similarity import MultiSimilarityLoss  # noqa: F401
+from tfdml.losses.multi_similarity import multi_similarity  # noqa: F401
 from tfdml.losses.npairs import NPairsLoss  # noqa: F401
 from tfdml.losses.npairs import npairs  # noqa: F401
+from tfdml.losses.osm_caa import WeightedContrastiveLoss  # noqa: F401
+from tfdml.losses.osm_caa import weighted_contrastive  # noqa: F401
 from tfdml.losses.tfa import LiftedStructLoss  # noqa: F401
 from tfdml.losses.tfa import NpairsLoss  # noqa: F401
 from tfdml.losses.tfa import TfaContrastiveLoss  # noqa: F401
@@ -22,11 +28,5 @@ from tfdml.losses.tfa import npairs_loss  # noqa: F401
 from tfdml.losses.tfa import tfa_contrastive_loss  # noqa: F401
 from tfdml.losses.tfa import triplet_hard_loss  # noqa: F401
 from tfdml.losses.tfa import triplet_semihard_loss  # noqa: F401
-from tfdml.losses.binomial import BinomialDevianceLoss  # noqa: F401
-from tfdml.losses.binomial import binomial_deviance  # noqa: F401
-from tfdml.losses.circle import CircleLoss  # noqa: F401
-from tfdml.losses.circle import circle  # noqa: F401
-from tfdml.losses.gpw import GeneralPairWeightingLoss  # noqa: F401
-from tfdml.losses.gpw import general_pair_weighting  # noqa: F401
-from tfdml.losses.osm_caa import WeightedContrastiveLoss  # noqa: F401
-from tfdml.losses.osm_caa import weighted_contrastive  # noqa: F401
+from tfdml.losses.triplet import TripletMarginLoss  # noqa: F401
+from tfdml.losses.triplet import triplet_margin  # noqa: F401
