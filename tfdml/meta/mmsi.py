@@ -375,7 +375,14 @@ class MMSIModel(DMLModel):
 
     def compile(self, optimizer="adam", loss=None, **kwargs):
         """As :meth:`DMLModel.compile`; the loss defaults to the base loss
-        (used as the G-form by ``evaluate``)."""
+        (used as the G-form by ``evaluate``).
+
+        ``jit_compile`` defaults to False: on CPU (TF 2.20) XLA compiles the
+        fast path's forward-mode convolution pass into a very slow program
+        (benchmarks/mmsi.py: 17x the plain step, vs 1.3x without XLA).
+        Pass ``jit_compile=True`` explicitly to try it (e.g. on GPU).
+        """
+        kwargs.setdefault("jit_compile", False)
         if loss is None:
             loss = self.base_loss
         super().compile(optimizer=optimizer, loss=loss, **kwargs)

@@ -1,0 +1,205 @@
+"""The benchmark protocol (tfdml.bench): split, configs, table, end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tfdml import bench
+
+
+def _args(tmp_path, *extra):
+    return bench.parse_args(
+        [
+            "--dataset",
+            "synthetic",
+            "--classes-per-batch",
+            "4",
+            "--samples-per-class",
+            "2",
+            "--image-size",
+            "16",
+            "--steps",
+            "4",
+            "--epochs",
+            "2",
+            "--val-classes",
+            "0.25",
+            "--out",
+            str(tmp_path / "results"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            *extra,
+        ]
+    )
+
+
+def test_protocol_split_disjoint_and_val_from_training_half():
+    labels = np.repeat(np.arange(400), 3)
+    for seed in range(5):
+        s = bench.protocol_splits(labels, seed)
+        train, val, test = (
+            set(s[k].tolist()) for k in ("train", "val", "test")
+        )
+        assert not train & val and not train & test and not val & test
+        assert train | val | test == set(range(400))
+        # Test = the second half of the class ids, whatever the seed.
+        assert test == set(range(200, 400))
+        # Validation only from the training half, never from test.
+        assert val and max(val) < 200
+        assert len(val) == 20
+
+
+def test_protocol_split_seeds_reproducible_and_distinct():
+    labels = np.repeat(np.arange(100), 2)
+    a = bench.protocol_splits(labels, 3)
+    b = bench.protocol_splits(labels, 3)
+    c = bench.protocol_splits(labels, 4)
+    for k in ("train", "val", "test"):
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(a["test"], c["test"])
+    assert not np.array_equal(a["val"], c["val"])
+
+
+def test_training_uses_the_protocol_split(tmp_path):
+    from tfdml import train_lib
+
+    args = _args(tmp_path)
+    for seed in (0, 1):
+        cfg = bench.make_config(args, "contrastive", seed, str(tmp_path))
+        assert cfg["train"]["seed"] == seed
+        data = train_lib.Data(cfg)
+        ours = bench.protocol_splits(data.source.labels, seed, 0.25)
+        for k in ("train", "val", "test"):
+            np.testing.assert_array_equal(data.splits[k], ours[k])
+
+
+def test_every_method_config_shares_backbone_budget_optimizer(tmp_path):
+    args = _args(tmp_path)
+    seen = set()
+    for method in bench.METHODS:
+        cfg = bench.make_config(args, method, 0, str(tmp_path))
+        m, t, o = cfg["model"], cfg["train"], cfg["optimizer"]
+        seen.add(
+            (
+                m["backbone"],
+                m["image_size"],
+                t["epochs"] * t["steps_per_epoch"],
+                o["name"],
+                o["learning_rate"],
+                cfg["data"]["classes_per_batch"],
+                cfg["data"]["samples_per_class"],
+            )
+        )
+        assert cfg["loss"]["name"]
+    assert seen == {("small_cnn", 16, 4, "adam", 1e-3, 4, 2)}
+    assert bench.make_config(args, "osm_caa", 0, "x")["model"][
+        "classification_head"
+    ]
+    assert bench.make_config(args, "xbm_contrastive", 0, "x")["memory"]["size"]
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="bogus"):
+        bench.parse_methods("contrastive,bogus")
+    with pytest.raises(ValueError, match="mnist_photos"):
+        bench.parse_dataset("mnist_photos")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "2", "--epochs", "3"])
+
+
+def test_summary_table_and_verdicts():
+    raw = {
+        "contrastive": [
+            {"seed": s, "metrics": dict.fromkeys(bench.METRICS, v)}
+            for s, v in enumerate([0.2, 0.4])
+        ],
+        "xbm_contrastive": [
+            {"seed": s, "metrics": dict.fromkeys(bench.METRICS, v)}
+            for s, v in enumerate([0.35, 0.45])
+        ],
+        "iaa_contrastive": [
+            {"seed": 0, "metrics": dict.fromkeys(bench.METRICS, 0.9)},
+            {"seed": 1, "error": "RuntimeError: boom"},
+        ],
+    }
+    summary = bench.summarize(raw)
+    mean, std = summary["contrastive"]["map@r"]
+    assert mean == pytest.approx(0.3) and std == pytest.approx(0.1)
+    table = bench.markdown_table(summary)
+    assert "| contrastive | 2 | 30.0 ± 10.0 |" in table
+    assert "| IAA + contrastive | 1 | 90.0 ± 0.0 |" in table
+    text = "\n".join(bench.comparisons(summary))
+    assert "XBM + contrastive (40.0 ± 5.0) does NOT clearly beat" in text
+    assert "IAA + contrastive (90.0 ± 0.0) beats" in text
+
+
+def test_raw_pixel_row_matches_numpy_nearest_neighbour(tmp_path):
+    from tfdml import train_lib
+
+    cfg = bench.make_config(_args(tmp_path), "raw_pixels", 0, str(tmp_path))
+    metrics, n = bench.raw_pixel_metrics(cfg)
+    x, y = train_lib.Data(cfg).arrays("test")
+    assert n == len(y) == len(x)
+    f = x.reshape(len(x), -1).astype(np.float64)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    sim = f @ f.T
+    np.fill_diagonal(sim, -np.inf)
+    p1 = np.mean(y[np.argmax(sim, axis=1)] == y)
+    assert metrics["precision@1"] == pytest.approx(p1, abs=1e-6)
+    assert 0.0 < metrics["nmi"] <= 1.0
+
+
+def test_end_to_end_writes_table_plot_json(tmp_path):
+    rc = bench.main(
+        [
+            "--dataset",
+            "synthetic",
+            "--methods",
+            "raw_pixels,contrastive",
+            "--seeds",
+            "1",
+            "--classes-per-batch",
+            "4",
+            "--samples-per-class",
+            "2",
+            "--image-size",
+            "16",
+            "--steps",
+            "4",
+            "--epochs",
+            "2",
+            "--val-classes",
+            "0.25",
+            "--out",
+            str(tmp_path / "results"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "t",
+        ]
+    )
+    assert rc == 0
+    base = tmp_path / "results" / "quality_t"
+    doc = json.loads(open(f"{base}.json", encoding="utf-8").read())
+    assert set(doc["runs"]) == {"raw_pixels", "contrastive"}
+    run = doc["runs"]["contrastive"][0]
+    assert run["seed"] == 0 and run["best_epoch"] is not None
+    assert set(run["metrics"]) == set(bench.METRICS)
+    assert all(0.0 <= v <= 1.0 for v in run["metrics"].values())
+    md = open(f"{base}.md", encoding="utf-8").read()
+    assert "typefaces" in md and "| contrastive |" in md
+    assert "| raw pixels (no training) |" in md
+    assert "--methods raw_pixels,contrastive" in md
+    assert os.path.getsize(f"{base}.png") > 1000
+    assert os.path.isdir(tmp_path / "runs" / "contrastive_s0")
+    # --render re-writes the table from the JSON without training.
+    os.remove(f"{base}.md")
+    out = str(tmp_path / "results")
+    rc = bench.main(
+        ["--dataset", "synthetic", "--out", out, "--name", "t"]
+        + ["--render", f"{base}.json"]
+    )
+    assert rc == 0
+    assert open(f"{base}.md", encoding="utf-8").read() == md

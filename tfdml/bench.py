@@ -1,0 +1,647 @@
+"""The benchmark protocol: every method, same backbone, budget and seeds.
+
+Usage::
+
+  python -m tfdml.bench --dataset cjk_glyphs/small --methods all \\
+      --seeds 3 --steps 300 --out benchmarks/results
+
+  # only re-write the table / plot of an earlier run:
+  python -m tfdml.bench --render benchmarks/results/quality_X.json \
+      --out benchmarks/results --name X
+
+Protocol (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020;
+split of Oh Song et al., CVPR 2016):
+
+* class-disjoint split (:func:`tfdml.data.split_classes`): the second half
+  of the sorted class ids is the test half; validation classes are drawn
+  (seeded by the run's seed) from the first half and never trained on;
+* every row trains the same backbone (``small_cnn``) from scratch with the
+  same optimizer, batch (``P x K``) and step budget; the budget is split
+  into ``--epochs`` epochs and validation MAP@R is computed at the end of
+  each; the best-on-validation encoder is the one reported (test classes
+  are never used for selection);
+* test metrics (queries = references, self excluded): MAP@R (primary),
+  R-Precision, Precision@1, Recall@1/2/4/8, NMI (k-means, k = number of
+  test classes), as mean +- std over ``--seeds`` seeds;
+* the raw-pixel row: cosine on the flattened, L2-normalised test images
+  (no training; identical for every seed).
+
+Each training run goes through :func:`tfdml.train_lib.main` (a run folder
+under ``OUT/runs``); results go to ``OUT/quality_<name>.{md,png,json}``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+METRICS = (
+    "map@r",
+    "r_precision",
+    "precision@1",
+    "recall@1",
+    "recall@2",
+    "recall@4",
+    "recall@8",
+    "nmi",
+)
+HEADERS = ("MAP@R", "R-Prec", "P@1", "R@1", "R@2", "R@4", "R@8", "NMI")
+
+_IAA = {
+    "method": "iaa",
+    "num_copies": 3,
+    "lam": 0.8,
+    "num_neighbors": 25,
+    "beta": 0.1,
+    "gamma": 0.1,
+    "tau": 40,
+}
+_MS = {
+    "name": "MultiSimilarityLoss",
+    "alpha": 2.0,
+    "beta": 40.0,
+    "base": 0.5,
+    "epsilon": 0.1,
+}
+_CONTRASTIVE = {"name": "ContrastiveLoss", "form": "similarity"}
+_TRIPLET = {"name": "TripletMarginLoss", "margin": 0.2, "mining": "semi-hard"}
+
+# name -> (label, base row for "does it beat its base", config sections).
+# Loss hyper-parameters follow configs/*_cjk.yaml (seeds.md recipes);
+# optimizer, schedule, batch and budget are shared (set in make_config).
+METHODS = {
+    "raw_pixels": ("raw pixels (no training)", None, None),
+    "contrastive": ("contrastive", None, {"loss": _CONTRASTIVE}),
+    "triplet": ("triplet semi-hard", None, {"loss": _TRIPLET}),
+    "ms": ("MS", None, {"loss": _MS}),
+    "lifted": (
+        "lifted structure",
+        None,
+        {"loss": {"name": "LiftedStructureLoss"}},
+    ),
+    "gpw_ms": (
+        "GPW (MS preset)",
+        "ms",
+        {
+            "loss": {"name": "GeneralPairWeightingLoss"},
+            "miner": {"name": "MultiSimilarityMiner", "epsilon": 0.1},
+            "weighting": {
+                "name": "MultiSimilarityWeighting",
+                "alpha": 2.0,
+                "beta": 40.0,
+                "base": 0.5,
+            },
+        },
+    ),
+    "osm_caa": (
+        "OSM + CAA",
+        "contrastive",
+        {
+            "loss": {
+                "name": "WeightedContrastiveLoss",
+                "margin": 1.2,
+                "sigma": 0.8,
+                "lambda_": 0.5,
+                "caa_mu": 1.0,
+                "caa_sigma": 0.68,
+                "use_caa": True,
+            },
+            "model": {"classification_head": True},
+            "train": {"classification_loss_weight": 1.0},
+        },
+    ),
+    "xbm_contrastive": (
+        "XBM + contrastive",
+        "contrastive",
+        {
+            "loss": {
+                "name": "ContrastiveLoss",
+                "form": "similarity",
+                "pos_margin": 1.0,
+                "neg_margin": 0.5,
+            },
+            "memory": {"size": 2048, "start_after": 0},
+        },
+    ),
+    "mmsi_contrastive": (
+        "MMSI + contrastive",
+        "contrastive",
+        {
+            "loss": {"name": "MMSIContrastiveLoss", "margin": 0.8},
+            "meta": {
+                "method": "mmsi",
+                "val_classes_per_batch": 10,
+                "val_samples_per_class": 1,
+                "d_size": 1,
+                "min_classes_before_update": 0,
+            },
+        },
+    ),
+    "mmsi_ms": (
+        "MMSI + MS",
+        "ms",
+        {
+            "loss": {
+                "name": "MMSIMultiSimilarityLoss",
+                "alpha": 2.0,
+                "beta": 40.0,
+                "base": 0.5,
+                "coefficient": 2.0,
+                "epsilon": 0.05,
+            },
+            "meta": {
+                "method": "mmsi",
+                "val_classes_per_batch": 10,
+                "val_samples_per_class": 1,
+                "d_size": 100,
+                "min_classes_before_update": 0,
+            },
+        },
+    ),
+    "iaa_contrastive": (
+        "IAA + contrastive",
+        "contrastive",
+        {"loss": _CONTRASTIVE, "augment": _IAA},
+    ),
+    "iaa_ms": ("IAA + MS", "ms", {"loss": _MS, "augment": _IAA}),
+    "iaa_triplet": (
+        "IAA + triplet",
+        "triplet",
+        {"loss": _TRIPLET, "augment": _IAA},
+    ),
+}
+
+
+def parse_dataset(spec):
+    """``"cjk_glyphs/small"`` -> data config; ``"synthetic"`` for tests."""
+    if spec == "synthetic":
+        return {
+            "source": "synthetic",
+            "num_classes": 16,
+            "examples_per_class": 6,
+            "size": 16,
+            "synthetic_channels": 1,
+        }
+    name, _, config = spec.partition("/")
+    if name not in ("cjk_glyphs", "hangul_glyphs", "fashion_mnist"):
+        raise ValueError(
+            "dataset must be cjk_glyphs/<config>, hangul_glyphs/<config>, "
+            f"fashion_mnist or synthetic; received {spec!r}"
+        )
+    out = {"source": name}
+    if config:
+        out["config"] = config
+    return out
+
+
+def parse_methods(text):
+    """``"all"`` or a comma list of :data:`METHODS` keys."""
+    if text == "all":
+        return list(METHODS)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(
+            f"methods: unknown {unknown or text!r}; expected 'all' or a "
+            f"comma list of {sorted(METHODS)}"
+        )
+    return names
+
+
+def make_config(args, method, seed, run_dir):
+    """The resolved train config of one (method, seed) run."""
+    from tfdml import config as config_lib
+
+    sections = METHODS[method][2] or {"loss": _CONTRASTIVE}
+    steps_per_epoch = max(1, args.steps // args.epochs)
+    raw = {
+        "data": {
+            **parse_dataset(args.dataset),
+            "data_dir": args.data_dir,
+            "classes_per_batch": args.classes_per_batch,
+            "samples_per_class": args.samples_per_class,
+            "val_classes": args.val_classes,
+            "test_fraction": 0.5,
+            "augmentation": "none",
+        },
+        "model": {
+            "image_size": args.image_size,
+            "channels": 1,
+            "backbone": "small_cnn",
+            "embedding_dim": args.embedding_dim,
+        },
+        "optimizer": {"name": "adam", "learning_rate": args.learning_rate},
+        "train": {
+            "epochs": args.epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "seed": int(seed),
+            "run_dir": run_dir,
+            "overwrite": True,
+            "verbose": 0,
+            "keep_checkpoints": 1,
+        },
+        "eval": {"plots": False, "batch_size": 256},
+        "export": {"enabled": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {})
+        if section in ("loss", "miner", "weighting"):
+            raw[section] = dict(values)
+        else:
+            raw[section].update(values)
+    if raw["data"].get("data_dir") is None:
+        del raw["data"]["data_dir"]
+    return config_lib.resolve(raw)
+
+
+def protocol_splits(labels, seed, val_classes=0.1):
+    """The protocol's class split for one seed (see module docstring)."""
+    from tfdml.data import split_classes
+
+    return split_classes(
+        labels, test_fraction=0.5, val_classes=val_classes, seed=seed
+    )
+
+
+def test_metrics(emb, labels, seed=0):
+    """Retrieval metrics + NMI on the test classes (queries = refs)."""
+    from tfdml.eval import nmi_ami
+    from tfdml.eval import retrieval_metrics
+
+    m = retrieval_metrics(emb, labels, recall_at=(1, 2, 4, 8), seed=seed)
+    out = {k: float(m[k]) for k in METRICS if k != "nmi"}
+    out["nmi"] = float(nmi_ami(emb, labels, seed=seed)["nmi"])
+    return out
+
+
+def raw_pixel_metrics(cfg):
+    """The raw-pixel row: cosine on flattened L2-normalised test pixels."""
+    from tfdml import train_lib
+
+    data = train_lib.Data(cfg)
+    x, y = data.arrays("test")
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    return test_metrics(flat.astype(np.float32), y), len(y)
+
+
+def run_one(args, method, seed):
+    """Trains one (method, seed) and returns its test metrics (best-val)."""
+    import keras
+
+    from tfdml import train_lib
+
+    run_dir = os.path.join(args.runs_dir, f"{method}_s{seed}")
+    cfg = make_config(args, method, seed, run_dir)
+    if method == "raw_pixels":
+        metrics, _ = raw_pixel_metrics(cfg)
+        return metrics, {}
+    keras.utils.set_random_seed(int(seed))
+    t0 = time.time()
+    rc = train_lib.main(cfg)
+    seconds = time.time() - t0
+    if rc != train_lib.EXIT_OK:
+        raise RuntimeError(f"{method} seed {seed}: train_lib exit {rc}")
+    state = train_lib.read_state(run_dir) or {}
+    best = os.path.join(run_dir, "best_encoder.keras")
+    path = best if os.path.exists(best) else None
+    if path is None:
+        raise RuntimeError(f"{method} seed {seed}: no best_encoder.keras")
+    encoder = keras.saving.load_model(path, compile=False)
+    data = train_lib.Data(cfg)
+    emb, y = train_lib.embed_dataset(
+        encoder, data.eval_dataset("test", cfg["eval"]["batch_size"])
+    )
+    info = {
+        "train_seconds": round(seconds, 1),
+        "best_epoch": state.get("best_epoch"),
+        "best_val_map@r": state.get("best"),
+    }
+    return test_metrics(emb, y, seed=seed), info
+
+
+def summarize(raw):
+    """``{method: {metric: (mean, std)}}`` over the seeds of ``raw``."""
+    out = {}
+    for method, runs in raw.items():
+        ok = [r["metrics"] for r in runs if r.get("metrics")]
+        if not ok:
+            continue
+        out[method] = {
+            k: (
+                float(np.mean([r[k] for r in ok])),
+                float(np.std([r[k] for r in ok])),
+            )
+            for k in METRICS
+        }
+        out[method]["n"] = len(ok)
+    return out
+
+
+def markdown_table(summary):
+    """Markdown rows ``mean ± std`` (x100) for each method of ``summary``."""
+    lines = [
+        "| method | seeds | " + " | ".join(HEADERS) + " |",
+        "|---" * (len(HEADERS) + 2) + "|",
+    ]
+    for method, stats in summary.items():
+        cells = [
+            f"{100 * stats[k][0]:.1f} ± {100 * stats[k][1]:.1f}"
+            for k in METRICS
+        ]
+        n = stats.get("n", "")
+        name = METHODS[method][0]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparisons(summary):
+    """Sentences: each seed method's MAP@R against its base loss."""
+    out = []
+    for method, stats in summary.items():
+        base = METHODS[method][1]
+        if base is None or base not in summary:
+            continue
+        m, s = stats["map@r"]
+        bm, bs = summary[base]["map@r"]
+        if m - s > bm + bs:
+            verdict = "beats"
+        elif m + s < bm - bs:
+            verdict = "is worse than"
+        else:
+            verdict = "does NOT clearly beat (within one std)"
+        out.append(
+            f"* {METHODS[method][0]} ({100 * m:.1f} ± {100 * s:.1f}) "
+            f"{verdict} its base {METHODS[base][0]} "
+            f"({100 * bm:.1f} ± {100 * bs:.1f}) on MAP@R."
+        )
+    return out
+
+
+def bar_plot(summary, path, title):
+    """Grouped bars: MAP@R, R@1 and NMI per method, std as error bars."""
+    from tfdml.eval.plots import _plt
+
+    plt = _plt()
+    names = list(summary)
+    keys = ("map@r", "precision@1", "nmi")
+    x = np.arange(len(names))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4.2))
+    for i, k in enumerate(keys):
+        ax.bar(
+            x + (i - 1) * width,
+            [summary[n][k][0] for n in names],
+            width,
+            yerr=[summary[n][k][1] for n in names],
+            capsize=2,
+            label={"precision@1": "P@1 (= R@1)"}.get(k, k.upper()),
+        )
+    ax.set_xticks(x)
+    ax.set_xticklabels(
+        [METHODS[n][0] for n in names], rotation=35, ha="right", fontsize=8
+    )
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel("test classes (mean ± std over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def environment():
+    import keras
+    import tensorflow as tf
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"
+        ),
+        "machine": f"{platform.machine()} {model}, "
+        f"{cpus} CPU cores visible, {platform.system()} "
+        f"{platform.release()}".replace(" ,", ","),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def write_results(args, raw, env, command, name):
+    """Writes ``quality_<name>.{json,md,png}`` under ``args.out``."""
+    summary = summarize(raw)
+    base = os.path.join(args.out, f"quality_{name}")
+    doc = {
+        "command": command,
+        "environment": env,
+        "protocol": protocol_dict(args),
+        "runs": raw,
+        "summary": {
+            m: {
+                **{k: {"mean": s[k][0], "std": s[k][1]} for k in METRICS},
+                "seeds": s["n"],
+            }
+            for m, s in summary.items()
+        },
+    }
+    with open(base + ".json", "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+    title = (
+        f"{args.dataset}: {args.steps} steps, batch "
+        f"{args.classes_per_batch}x{args.samples_per_class}, "
+        f"{len(args.seed_list)} seeds"
+    )
+    if summary:
+        bar_plot(summary, base + ".png", title)
+    failed = [
+        f"* {METHODS[m][0]}: {r['error']}"
+        for m, runs in raw.items()
+        for r in runs
+        if r.get("error")
+    ]
+    p = protocol_dict(args)
+    md = [
+        f"# Retrieval quality on {args.dataset}",
+        "",
+        "These are **typefaces** (CJK ideographs rendered from Debian font "
+        "packages; class = character, instance = font), not photos or "
+        "handwriting. Numbers here do not transfer to CUB / Cars / SOP.",
+        "",
+        "Test classes only (the second half of the class ids, never used "
+        "for training or model selection); the encoder of each run is its "
+        "best epoch on validation MAP@R (validation classes drawn from the "
+        "training half). Values x100, mean ± std over seeds.",
+        "",
+        markdown_table(summary),
+        "",
+        f"![quality](quality_{name}.png)",
+        "",
+        "## Seed methods against their base loss (MAP@R)",
+        "",
+        *(comparisons(summary) or ["* (no seed-method rows in this run)"]),
+        "",
+        "## Protocol",
+        "",
+        *[f"* {k}: {v}" for k, v in p.items()],
+        "",
+        "## Environment",
+        "",
+        *[f"* {k}: {v}" for k, v in env.items()],
+        f"* command: `{command}`",
+    ]
+    if failed:
+        md += ["", "## Runs that failed (left out of the table)", "", *failed]
+    with open(base + ".md", "w", encoding="utf-8") as f:
+        f.write("\n".join(md) + "\n")
+    return base
+
+
+def protocol_dict(args):
+    return {
+        "dataset": args.dataset,
+        "split": "class-disjoint: second half of the sorted class ids is "
+        f"test; {args.val_classes} of the first half is validation "
+        "(seeded per run), the rest trains",
+        "backbone": "small_cnn (Conv-BN-ReLU 32/64/128 + 128) -> avg pool "
+        f"-> Dense {args.embedding_dim} -> L2, from scratch, every row",
+        "input": f"{args.image_size}x{args.image_size} grayscale, no "
+        "augmentation",
+        "batch": f"P x K = {args.classes_per_batch} x {args.samples_per_class}",
+        "budget": f"{args.steps} steps = {args.epochs} epochs x "
+        f"{max(1, args.steps // args.epochs)} steps, every row",
+        "optimizer": f"Adam, lr {args.learning_rate}, constant, every row",
+        "selection": "validation MAP@R after every epoch; best epoch kept",
+        "seeds": args.seed_list,
+        "metrics": "MAP@R (primary), R-Precision, P@1, Recall@1/2/4/8 "
+        "(exact, queries = references, self excluded), NMI (k-means, "
+        "k = number of test classes)",
+    }
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="cjk_glyphs/small")
+    p.add_argument("--methods", default="all")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--classes-per-batch", type=int, default=16)
+    p.add_argument("--samples-per-class", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--val-classes", type=float, default=0.1)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument(
+        "--runs-dir",
+        default=os.path.join("runs", "bench"),
+        help="run folders (checkpoints, encoders) of the trained rows",
+    )
+    p.add_argument("--name", default=None, help="results file suffix")
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="only re-write the table / plot of an earlier run's JSON "
+        "(its protocol is read from the command recorded there)",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record a failing method and continue",
+    )
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1; received {args.seeds}")
+    if args.steps < 1 or args.epochs < 1 or args.epochs > args.steps:
+        p.error(
+            f"need 1 <= --epochs <= --steps; received epochs={args.epochs}, "
+            f"steps={args.steps}"
+        )
+    try:
+        parse_dataset(args.dataset)
+        args.method_list = parse_methods(args.methods)
+    except ValueError as e:
+        p.error(str(e))
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = "python -m tfdml.bench " + shlex.join(argv)
+    name = args.name or args.dataset.replace("/", "_")
+    os.makedirs(args.out, exist_ok=True)
+    if args.render:
+        # Re-writes the table and plot from a JSON of an earlier run.
+        with open(args.render, encoding="utf-8") as f:
+            doc = json.load(f)
+        # The protocol of the earlier run, from its recorded command line.
+        old = parse_args(shlex.split(doc["command"])[3:])
+        old.out, old.render = args.out, args.render
+        base = write_results(
+            old, doc["runs"], doc["environment"], doc["command"], name
+        )
+        print(f"[bench] re-rendered {base}.md / .png / .json", flush=True)
+        return 0
+    env = environment()
+    raw = {m: [] for m in args.method_list}
+    # Seeds outer: a cut-short run still has every method at some seeds.
+    for seed in args.seed_list:
+        for method in args.method_list:
+            if method == "raw_pixels" and seed != args.seed_list[0]:
+                continue  # no training: identical for every seed
+            t0 = time.time()
+            try:
+                metrics, info = run_one(args, method, seed)
+                entry = {"seed": seed, "metrics": metrics, **info}
+            except Exception as e:  # noqa: BLE001
+                if not args.keep_going:
+                    raise
+                entry = {"seed": seed, "error": f"{type(e).__name__}: {e}"}
+            entry["seconds"] = round(time.time() - t0, 1)
+            raw[method].append(entry)
+            print(
+                f"[bench] {method} seed {seed}: "
+                + (
+                    f"MAP@R {entry['metrics']['map@r']:.4f}"
+                    if "metrics" in entry
+                    else entry["error"]
+                )
+                + f" ({entry['seconds']} s)",
+                flush=True,
+            )
+            write_results(args, raw, env, command, name)
+    base = write_results(args, raw, env, command, name)
+    print(f"[bench] wrote {base}.md / .png / .json", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
