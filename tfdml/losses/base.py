@@ -104,9 +104,10 @@ class PairLoss(keras.losses.Loss):
         pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
         if self.miner is not None:
             pos, neg = self.miner(sim, pos, neg)
-        return self.pair_loss(
+        loss = self.pair_loss(
             sim, pos, neg, pair_weights=pair_weights, **context
         )
+        return nan_if_not_finite(loss, embeddings, ref_embeddings)
 
     def similarity(self, embeddings, ref_embeddings=None):
         """The ``[B, M]`` similarity matrix (cosine by default)."""
@@ -143,3 +144,19 @@ def apply_pair_weights(values, pair_weights):
     if pair_weights is None:
         return values
     return values * tf.cast(pair_weights, values.dtype)
+
+
+def nan_if_not_finite(loss, *tensors):
+    """Turns ``loss`` into NaN when any input holds NaN or Inf.
+
+    The pair masks silently drop NaN similarities (every comparison with NaN
+    is False), which would hide a diverged model behind a loss of 0. A NaN
+    loss lets ``TerminateOnNaN`` and the training loop stop the run.
+    """
+    finite = tf.constant(True)
+    for t in tensors:
+        if t is not None:
+            finite = tf.logical_and(
+                finite, tf.reduce_all(tf.math.is_finite(tf.cast(t, "float32")))
+            )
+    return tf.where(finite, loss, tf.fill(tf.shape(loss), float("nan")))

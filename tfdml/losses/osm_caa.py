@@ -64,6 +64,7 @@ from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import check_positive
+from tfdml.losses.base import nan_if_not_finite
 from tfdml.weighting.osm_caa import CAAWeighting
 from tfdml.weighting.osm_caa import OSMWeighting
 
@@ -241,7 +242,7 @@ class WeightedContrastiveLoss(PairLoss):
                 multiplicity = tf.where(is_anchor, 2.0, 1.0)[None, :]
         if self.miner is not None:
             pos, neg = self.miner(sim, pos, neg)
-        return self.pair_loss(
+        loss = self.pair_loss(
             sim,
             pos,
             neg,
@@ -250,6 +251,7 @@ class WeightedContrastiveLoss(PairLoss):
             multiplicity=multiplicity,
             **context,
         )
+        return nan_if_not_finite(loss, embeddings, ref_embeddings)
 
     def pair_loss(
         self,

@@ -47,6 +47,7 @@ from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import check_non_negative
+from tfdml.losses.base import nan_if_not_finite
 from tfdml.losses.lifted import lifted_structure_song
 from tfdml.mining.semi_hard import smallest_greater
 
@@ -253,7 +254,9 @@ class _TfaEmbeddingLoss(PairLoss):
             embeddings, ref_embeddings, self.distance_metric_name()
         )
         pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
-        return self.distance_loss(dist, pos, neg)
+        return nan_if_not_finite(
+            self.distance_loss(dist, pos, neg), embeddings, ref_embeddings
+        )
 
     def distance_loss(self, dist, pos_mask, neg_mask):
         raise NotImplementedError
