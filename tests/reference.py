@@ -311,16 +311,16 @@ def normalize_rows(x):
 # --- tfa-compatible losses, from tfa's NumPy test formulas --------------------
 
 
-def tfa_pdist(emb, ref=None, metric="L_2"):
-    """tfa's distance names: L_2 squared Euclidean, L_1 Euclidean, angular."""
-    if metric in ("L_2", "squared-L2"):
+def tfa_pdist(emb, ref=None, metric="L2"):
+    """tfa 0.23 names: L2 Euclidean, squared-L2, angular (1 - cos)."""
+    if metric == "squared-L2":
         return euclidean(emb, ref, squared=True)
-    if metric in ("L_1", "L2"):
+    if metric == "L2":
         return euclidean(emb, ref)
     return 1.0 - cosine(emb, ref)
 
 
-def tfa_triplet_semihard_scalar(labels, emb, margin=1.0, metric="L_2"):
+def tfa_triplet_semihard_scalar(labels, emb, margin=1.0, metric="L2"):
     """tfa tests' triplet_semihard_loss_np (a batch with negatives)."""
     labels = np.asarray(labels)
     pdist = tfa_pdist(emb, metric=metric)
@@ -342,7 +342,7 @@ def tfa_triplet_semihard_scalar(labels, emb, margin=1.0, metric="L_2"):
     return loss / num_pos
 
 
-def tfa_triplet_hard_scalar(labels, emb, margin=1.0, soft=False, metric="L_2"):
+def tfa_triplet_hard_scalar(labels, emb, margin=1.0, soft=False, metric="L2"):
     """tfa tests' triplet_hard_loss_np (a batch with negatives)."""
     labels = np.asarray(labels)
     pdist = tfa_pdist(emb, metric=metric)
@@ -396,7 +396,7 @@ def tfa_triplet_semihard(
     ref_ids=None,
     ref_valid=None,
     margin=1.0,
-    metric="L_2",
+    metric="L2",
 ):
     """Per-anchor share (B * sum / |P|) of tfa's semi-hard triplet loss."""
     pdist = tfa_pdist(emb, ref, metric)
@@ -424,7 +424,7 @@ def tfa_triplet_hard(
     ref_valid=None,
     margin=1.0,
     soft=False,
-    metric="L_2",
+    metric="L2",
 ):
     """Per-anchor tfa batch-hard loss (no negatives: d_an = d_ap)."""
     pdist = tfa_pdist(emb, ref, metric)

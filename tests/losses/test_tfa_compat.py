@@ -32,7 +32,7 @@ def tfa_batch(seed, num_data=10, dim=6, classes=4):
     return emb, labels
 
 
-SEED_METRIC = [(0, "L_2"), (1, "L_1"), (2, "angular"), (3, "L_2")]
+SEED_METRIC = [(0, "squared-L2"), (1, "L2"), (2, "angular"), (3, "squared-L2")]
 
 
 @pytest.mark.parametrize(
@@ -115,8 +115,8 @@ CASES = {
     ),
     "hard": (TripletHardLoss(), hard_ref()),
     "hard_soft_l1": (
-        TripletHardLoss(soft=True, distance_metric="L_1"),
-        hard_ref(soft=True, metric="L_1"),
+        TripletHardLoss(soft=True, distance_metric="L2"),
+        hard_ref(soft=True, metric="L2"),
     ),
     "lifted": (LiftedStructLoss(), lifted_ref()),
 }
@@ -325,3 +325,11 @@ def test_tfa_contrastive_gradient_and_xla():
 def test_tfa_contrastive_bad_inputs_raise(y, d):
     with pytest.raises(ValueError):
         TfaContrastiveLoss()(y, d)
+
+
+def test_tfa_doctest_value_with_default_euclidean_distance():
+    """tfa 0.23 documents 2.4142137 for this input with its defaults."""
+    y_true = np.array([0, 0], np.int32)
+    y_pred = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    value = float(TripletSemiHardLoss()(y_true, y_pred))
+    np.testing.assert_allclose(value, 2.4142137, rtol=1e-6)

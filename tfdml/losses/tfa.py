@@ -16,12 +16,11 @@ under Keras 3): same numbers as tfa's definitions with tfa's defaults.
 * :class:`TfaContrastiveLoss` / :func:`tfa_contrastive_loss` (Hadsell et al.,
   CVPR 2006): ``y_true`` are 0/1 pair labels, ``y_pred`` pair distances.
 
-Distances (``distance_metric``, tfa's names and meanings, on the raw, *not*
-normalised embeddings): ``"L_2"`` (tfa's default) is the **squared**
-Euclidean distance, ``"L_1"`` is the (non-squared) Euclidean distance,
-``"angular"`` is ``1 - cos`` (floored at 1e-16). The clearer aliases
-``"squared-L2"`` and ``"L2"`` mean ``"L_2"`` and ``"L_1"``. Callables (tfa
-accepts them) are not supported (they do not serialise).
+Distances (``distance_metric``, tfa 0.23's names and meanings, on the raw,
+*not* normalised embeddings): ``"L2"`` (tfa's default) is the Euclidean
+distance, ``"squared-L2"`` the squared Euclidean distance, ``"angular"`` is
+``1 - cos`` (floored at 1e-16). Callables (tfa accepts them) are not supported
+(they do not serialise).
 
 Reduction. tfa returns a scalar. Here the Keras entry point returns a
 per-anchor vector and the default reduction (``"sum_over_batch_size"``) gives
@@ -52,10 +51,8 @@ from tfdml.losses.lifted import lifted_structure_song
 from tfdml.mining.semi_hard import smallest_greater
 
 METRICS = {
-    "L_2": "L_2",
-    "squared-L2": "L_2",
-    "L_1": "L_1",
-    "L2": "L_1",
+    "L2": "L2",
+    "squared-L2": "squared-L2",
     "angular": "angular",
 }
 
@@ -69,14 +66,14 @@ def check_metric(distance_metric):
     return distance_metric
 
 
-def tfa_distance(embeddings, ref_embeddings=None, distance_metric="L_2"):
+def tfa_distance(embeddings, ref_embeddings=None, distance_metric="L2"):
     """``[B, M]`` float32 distances with tfa's metric names."""
     metric = METRICS[check_metric(distance_metric)]
     if metric == "angular":
         sim = ops.cosine_similarity(embeddings, ref_embeddings, normalize=True)
         return tf.maximum(1.0 - sim, 1e-16)
     return ops.pairwise_distance(
-        embeddings, ref_embeddings, squared=metric == "L_2"
+        embeddings, ref_embeddings, squared=metric == "squared-L2"
     )
 
 
@@ -124,13 +121,13 @@ def _labels_1d(y_true):
 # -- functions with tfa's signatures
 
 
-def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L_2"):
+def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
     """tfa's ``triplet_semihard_loss``: scalar, dtype of ``y_pred``."""
     return _scalar(TripletSemiHardLoss(margin, distance_metric), y_true, y_pred)
 
 
 def triplet_hard_loss(
-    y_true, y_pred, margin=1.0, soft=False, distance_metric="L_2"
+    y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"
 ):
     """tfa's ``triplet_hard_loss``: scalar, dtype of ``y_pred``."""
     loss = TripletHardLoss(margin, soft, distance_metric)
@@ -222,7 +219,7 @@ class _TfaEmbeddingLoss(PairLoss):
         super().__init__(miner=None, normalize=normalize, **kwargs)
 
     def distance_metric_name(self):
-        return "L_1"
+        return "L2"
 
     def per_anchor(
         self,
@@ -273,8 +270,8 @@ class TripletSemiHardLoss(_TfaEmbeddingLoss):
 
     Args:
       margin: margin (default 1.0, tfa's), >= 0.
-      distance_metric: ``"L_2"`` (squared Euclidean, default), ``"L_1"``
-        (Euclidean) or ``"angular"`` (see the module docstring).
+      distance_metric: ``"L2"`` (Euclidean, default), ``"squared-L2"``
+        (squared Euclidean) or ``"angular"`` (see the module docstring).
       **kwargs: ``normalize`` (default False) and ``keras.losses.Loss``
         arguments.
 
@@ -288,7 +285,7 @@ class TripletSemiHardLoss(_TfaEmbeddingLoss):
     def __init__(
         self,
         margin=1.0,
-        distance_metric="L_2",
+        distance_metric="L2",
         name="triplet_semihard_loss",
         **kwargs,
     ):
@@ -317,7 +314,7 @@ class TripletHardLoss(_TfaEmbeddingLoss):
     Args:
       margin: margin (default 1.0), >= 0.
       soft: use ``log1p(exp(d_ap - d_an))`` instead of the hinge.
-      distance_metric: ``"L_2"`` (squared Euclidean, default), ``"L_1"``
+      distance_metric: ``"L2"`` (Euclidean, default), ``"squared-L2"``
         or ``"angular"``.
       **kwargs: ``normalize`` (default False) and ``keras.losses.Loss``
         arguments.
@@ -329,7 +326,7 @@ class TripletHardLoss(_TfaEmbeddingLoss):
         self,
         margin=1.0,
         soft=False,
-        distance_metric="L_2",
+        distance_metric="L2",
         name="triplet_hard_loss",
         **kwargs,
     ):
