@@ -24,6 +24,8 @@ the same weights as an uninterrupted one.
 NaN: a non-finite loss (or weight) stops training before the epoch is
 checkpointed; the last good checkpoint is kept and :func:`main` returns
 :data:`EXIT_NAN`.
+
+Multi-worker (``train.strategy: multi_worker``): see :func:`_train`.
 """
 
 import csv
@@ -33,6 +35,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -684,13 +687,22 @@ class Checkpointer:
     The variables are listed explicitly (model, optimizer and extra state
     such as an IAA estimator), so random-seed states and memory banks are
     included.
+
+    Multi-worker: every worker must call :meth:`save` (a collective
+    operation); a non-chief (``chief=False``) writes into its own temporary
+    ``directory`` and never writes ``state.json``, and every worker restores
+    from ``restore_directory`` (the chief's ``checkpoints/``).
     """
 
-    def __init__(self, directory, variables, keep=2):
+    def __init__(
+        self, directory, variables, keep=2, chief=True, restore_directory=None
+    ):
         import tensorflow as tf
 
         self.directory = directory
+        self.restore_directory = restore_directory or directory
         self.keep = keep
+        self.chief = chief
         self.ckpt = tf.train.Checkpoint(variables=list(variables))
 
     def save(self, epoch, state):
@@ -699,12 +711,13 @@ class Checkpointer:
         path = self.ckpt.write(prefix)
         state.checkpoint = os.path.basename(path)
         state.epoch = epoch
-        write_state(os.path.dirname(self.directory), state)
+        if self.chief:
+            write_state(os.path.dirname(self.directory), state)
         self._prune(keep_name=state.checkpoint)
         return path
 
     def restore(self, name):
-        path = os.path.join(self.directory, name)
+        path = os.path.join(self.restore_directory, name)
         self.ckpt.read(path).assert_consumed()
 
     def _prune(self, keep_name):
@@ -900,12 +913,60 @@ def main(cfg, config_path=None, check_only=False):
 
 
 def _train(cfg, built, run_dir, mode):
-    train = cfg["train"]
+    """Trains and fills the run folder; returns the exit status.
+
+    Multi-worker training (``train.strategy: multi_worker``, a
+    ``tf.distribute.MultiWorkerMirroredStrategy``): start the *same* command
+    on every machine, each with its own ``TF_CONFIG``, e.g. for two
+    machines::
+
+      # machine A (the chief: task "chief", or "worker" 0 without a chief)
+      TF_CONFIG='{"cluster": {"worker": ["hostA:12345", "hostB:12345"]},
+                  "task": {"type": "worker", "index": 0}}' \\
+        python train.py --config my.yaml --set train.strategy=multi_worker
+      # machine B: the same, with "index": 1
+
+    * ``data.classes_per_batch x data.samples_per_class`` is the *global*
+      batch: every worker builds the same batches (same seeds) and
+      ``tf.distribute`` gives each worker its slice (auto-shard policy
+      ``DATA``); ``DMLModel`` all-gathers the embeddings, so the loss and
+      the memory see the whole global batch and every worker ends with the
+      same weights.
+    * Only the chief writes the run folder (config.yaml, history.csv, tb/,
+      checkpoints/, best/final encoders, eval_test.json, plots/, export).
+      The run folder is the chief's ``train.run_dir``. Other workers write
+      nothing there: saving a checkpoint is a collective operation, so they
+      save too, into a temporary directory that is deleted at the end.
+    * The validation evaluation (``val_*``, best encoder) and the final test
+      evaluation run on the chief only, eagerly (no collective op).
+    * Resume: re-run the same command on every machine. Every worker reads
+      ``checkpoints/state.json`` and restores the chief's checkpoint, so
+      ``train.run_dir`` must be on storage that all workers can read
+      (a shared file system, or a copy of the chief's folder). The workers
+      check that they start at the same epoch and stop with an error
+      otherwise.
+    """
     strategy = make_strategy(cfg)
     chief = is_chief(strategy)
-    if mode == "new" and os.path.isdir(run_dir) and chief:
-        shutil.rmtree(run_dir)
-    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if chief:
+        if mode == "new" and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(ckpt_dir, exist_ok=True)
+        write_dir = ckpt_dir
+    else:
+        write_dir = tempfile.mkdtemp(prefix="tfdml-worker-ckpt-")
+    try:
+        return _train_in(
+            cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir
+        )
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _train_in(cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir):
+    train = cfg["train"]
     state = RunState(read_state(run_dir) if mode == "resume" else None)
     with strategy.scope():
         parts = build_model(cfg, built, strategy)
@@ -921,9 +982,11 @@ def _train(cfg, built, run_dir, mode):
         ]
         variables = list({id(v): v for v in variables}.values())
         checkpointer = Checkpointer(
-            os.path.join(run_dir, "checkpoints"),
+            write_dir,
             variables,
             keep=train["keep_checkpoints"],
+            chief=chief,
+            restore_directory=ckpt_dir,
         )
         if mode == "resume":
             checkpointer.restore(state.checkpoint)
@@ -931,6 +994,9 @@ def _train(cfg, built, run_dir, mode):
                 f"resuming {run_dir} after epoch {state.epoch} "
                 f"({state.checkpoint})"
             )
+    check_workers_agree(strategy, state.epoch)
+    if not chief:
+        return _train_worker(cfg, built, parts, state, checkpointer, strategy)
     _write_config(cfg, built, parts, run_dir)
     start = state.epoch
     history = os.path.join(run_dir, "history.csv")
@@ -969,6 +1035,59 @@ def _train(cfg, built, run_dir, mode):
     write_state(run_dir, state)
     print(f"run folder: {run_dir}")
     return EXIT_OK
+
+
+def _train_worker(cfg, built, parts, state, checkpointer, strategy):
+    """A non-chief worker: the same steps and collectives, no run folder.
+
+    Its callbacks are the chief's minus those that only write or evaluate
+    (validation, best encoder, CSV, TensorBoard), in the same order, so both
+    issue the same collective operations (IAA refresh, checkpoint save).
+    """
+    train = cfg["train"]
+    NaNGuard, Guarded, _, EpochCheckpoint = make_callbacks_module()
+    callbacks = [NaNGuard(state, train["debug_inject_nan_at_step"])]
+    callbacks += [Guarded(cb, state) for cb in parts.callbacks]
+    callbacks.append(EpochCheckpoint(checkpointer, state))
+    if state.epoch < train["epochs"]:
+        parts.model.fit(
+            train_dataset(cfg, built, state.epoch, strategy),
+            epochs=train["epochs"],
+            initial_epoch=state.epoch,
+            steps_per_epoch=train["steps_per_epoch"],
+            callbacks=callbacks,
+            verbose=train["verbose"],
+            shuffle=False,
+        )
+    if state.nan is not None:
+        print("error: non-finite training value; stopped", file=sys.stderr)
+        return EXIT_NAN
+    resolver = strategy.cluster_resolver
+    print(
+        f"worker {resolver.task_type}:{resolver.task_id} done (the chief "
+        "writes the run folder)"
+    )
+    return EXIT_OK
+
+
+def check_workers_agree(strategy, start):
+    """All workers start at the same epoch (multi-worker only).
+
+    Raises:
+      RuntimeError: a worker resumes at another epoch (e.g. it cannot read
+        the chief's run folder).
+    """
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    local = strategy.run(lambda: tf.constant([start], tf.int64))
+    starts = np.asarray(strategy.gather(local, axis=0)).tolist()
+    if len(set(starts)) != 1:
+        raise RuntimeError(
+            f"workers start at different epochs {starts}: every worker must "
+            "read the chief's train.run_dir (shared storage) to resume"
+        )
 
 
 def _write_config(cfg, built, parts, run_dir):
@@ -1169,6 +1288,14 @@ def train_dataset(cfg, built, start, strategy=None):
             steps,
         )
         ds = tf.data.Dataset.zip((ds, val))
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Every worker builds the same global batches; each takes its
+        # slice of every batch (never whole files or whole batches).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        ds = ds.with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
