@@ -310,10 +310,9 @@ def run_one(args, method, seed):
         raise RuntimeError(f"{method} seed {seed}: train_lib exit {rc}")
     state = train_lib.read_state(run_dir) or {}
     best = os.path.join(run_dir, "best_encoder.keras")
-    path = best if os.path.exists(best) else None
-    if path is None:
+    if not os.path.exists(best):
         raise RuntimeError(f"{method} seed {seed}: no best_encoder.keras")
-    encoder = keras.saving.load_model(path, compile=False)
+    encoder = keras.saving.load_model(best, compile=False)
     data = train_lib.Data(cfg)
     emb, y = train_lib.embed_dataset(
         encoder, data.eval_dataset("test", cfg["eval"]["batch_size"])
@@ -380,6 +379,46 @@ def comparisons(summary):
             f"* {METHODS[method][0]} ({100 * m:.1f} ± {100 * s:.1f}) "
             f"{verdict} its base {METHODS[base][0]} "
             f"({100 * bm:.1f} ± {100 * bs:.1f}) on MAP@R."
+        )
+    return out
+
+
+def caveats(args, raw, summary):
+    """Sentences read off the numbers: pixel baseline, under-training."""
+    out = []
+    if "raw_pixels" in summary:
+        pix = summary["raw_pixels"]["map@r"][0]
+        better = [
+            METHODS[m][0]
+            for m, st in summary.items()
+            if m != "raw_pixels" and st["map@r"][0] > pix
+        ]
+        if better:
+            out.append(
+                f"* Rows above the raw-pixel MAP@R ({100 * pix:.1f}): "
+                + ", ".join(better)
+                + "."
+            )
+        else:
+            out.append(
+                f"* No trained row reaches the raw-pixel MAP@R "
+                f"({100 * pix:.1f}) within this budget: at "
+                f"{args.steps} steps from scratch the small CNN is far "
+                "from converged; the table compares methods at a fixed "
+                "short budget, not their converged quality."
+            )
+    runs = [
+        r
+        for m, rs in raw.items()
+        if m != "raw_pixels"
+        for r in rs
+        if r.get("best_epoch") is not None
+    ]
+    last = sum(int(r["best_epoch"]) >= args.epochs for r in runs)
+    if runs:
+        out.append(
+            f"* The best validation epoch was the last one in {last} of "
+            f"{len(runs)} runs (still improving when the budget ended)."
         )
     return out
 
@@ -502,6 +541,10 @@ def write_results(args, raw, env, command, name):
         "## Seed methods against their base loss (MAP@R)",
         "",
         *(comparisons(summary) or ["* (no seed-method rows in this run)"]),
+        "",
+        "## Reading the table",
+        "",
+        *caveats(args, raw, summary),
         "",
         "## Protocol",
         "",
