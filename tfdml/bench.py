@@ -164,6 +164,28 @@ METHODS = {
             },
         },
     ),
+    "mmsi_ms_separate": (
+        "MMSI + MS (separate normalisation)",
+        "mmsi_ms",
+        {
+            "loss": {
+                "name": "MMSIMultiSimilarityLoss",
+                "alpha": 2.0,
+                "beta": 40.0,
+                "base": 0.5,
+                "coefficient": 2.0,
+                "epsilon": 0.05,
+            },
+            "meta": {
+                "method": "mmsi",
+                "val_classes_per_batch": 10,
+                "val_samples_per_class": 1,
+                "d_size": 100,
+                "min_classes_before_update": 0,
+                "normalization": "separate",
+            },
+        },
+    ),
     "iaa_contrastive": (
         "IAA + contrastive",
         "contrastive",
