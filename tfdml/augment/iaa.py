@@ -64,21 +64,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfdml import registry
+from tfdml.validation import check_int
 
 BIG_NUMBER = 1e12  # the official code's sentinel for excluded neighbours
-
-
-def _positive_int(name, value, minimum=1):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}; received "
-            f"{name}={value!r}."
-        )
-    return int(value)
 
 
 def _in_range(name, value, low, high, low_open=False):
@@ -123,7 +111,7 @@ def official_lambda(lam, epoch, epochs):
     Returns ``lam * {1.0 if t/T <= 0.4; 0.9 if <= 0.6; 0.75 if <= 0.8;
     0.6 otherwise}``.
     """
-    _positive_int("epochs", epochs)
+    check_int("epochs", epochs)
     ratio = epoch / epochs
     if ratio <= 0.4:
         factor = 1.0
@@ -220,7 +208,7 @@ def neighbor_correction(
             "neighbor_correction needs at least 2 classes; received "
             f"{num_classes}."
         )
-    k = min(_positive_int("num_neighbors", num_neighbors), num_classes - 1)
+    k = min(check_int("num_neighbors", num_neighbors), num_classes - 1)
     eligible = n > 1.0
     not_single = tf.not_equal(n, 1.0)
     w_glob = tf.where(not_single, n, tf.zeros_like(n))
@@ -367,16 +355,16 @@ class IAAEstimator(keras.layers.Layer):
         kwargs.pop("dtype", None)
         kwargs.pop("trainable", None)
         super().__init__(dtype="float32", trainable=False, **kwargs)
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.dim = _positive_int("dim", dim)
+        self.num_classes = check_int("num_classes", num_classes)
+        self.dim = check_int("dim", dim)
         self.momentum = _in_range("momentum", momentum, 0.0, 1.0)
-        self.num_neighbors = _positive_int("num_neighbors", num_neighbors)
+        self.num_neighbors = check_int("num_neighbors", num_neighbors)
         self.beta = _in_range("beta", beta, 0.0, math.inf)
         self.gamma = _in_range("gamma", gamma, 0.0, 1.0)
         self.tau = _in_range("tau", tau, 0.0, math.inf)
         self.sigma_m = _in_range("sigma_m", sigma_m, 0.0, math.inf, True)
         self.sigma_cv = _in_range("sigma_cv", sigma_cv, 0.0, math.inf, True)
-        self.correction_threshold = _positive_int(
+        self.correction_threshold = check_int(
             "correction_threshold", correction_threshold, 0
         )
         self.official_code = bool(official_code)
@@ -613,7 +601,7 @@ class IAAugmenter(keras.layers.Layer):
                 f"estimator={estimator!r}."
             )
         self.estimator = estimator
-        self.num_copies = _positive_int("num_copies", num_copies)
+        self.num_copies = check_int("num_copies", num_copies)
         lam = _in_range("lam", lam, 0.0, math.inf)
         self.official_code = (
             estimator.official_code
@@ -622,7 +610,7 @@ class IAAugmenter(keras.layers.Layer):
         )
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
-        self.seed = _positive_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.enabled = bool(enabled)
         self.lam = keras.Variable(
             np.float32(lam),
@@ -762,15 +750,13 @@ class IAARefresh(keras.callbacks.Callback):
         self.dataset = dataset
         self._start = start_epoch
         self._every = every_n_epochs
-        self.epochs = (
-            None if epochs is None else _positive_int("epochs", epochs)
-        )
+        self.epochs = None if epochs is None else check_int("epochs", epochs)
         self._schedule = lambda_schedule
         self._official = official_code
         if start_epoch is not None:
-            _positive_int("start_epoch", start_epoch, 0)
+            check_int("start_epoch", start_epoch, 0)
         if every_n_epochs is not None:
-            _positive_int("every_n_epochs", every_n_epochs)
+            check_int("every_n_epochs", every_n_epochs)
         self.base_lam = None
         self.refreshed_epochs = []
         self._encode = None

@@ -24,19 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdml import registry
-
-
-def _positive_int(name, value, minimum=1):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}; received "
-            f"{name}={value!r}."
-        )
-    return int(value)
+from tfdml.validation import check_int
 
 
 @registry.register
@@ -68,9 +56,9 @@ class ClassDictionary(keras.layers.Layer):
         kwargs.pop("dtype", None)
         kwargs.pop("trainable", None)
         super().__init__(dtype="float32", trainable=False, **kwargs)
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.dim = _positive_int("dim", dim)
-        self.d_size = _positive_int("d_size", d_size)
+        self.num_classes = check_int("num_classes", num_classes)
+        self.dim = check_int("dim", dim)
+        self.d_size = check_int("d_size", d_size)
         size = self.num_classes * self.d_size
         self.features = self._variable(
             "features", np.zeros((size + 1, self.dim), np.float32)

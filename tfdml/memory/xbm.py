@@ -28,19 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfdml import registry
-
-
-def _positive_int(name, value, minimum=1):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be an integer >= {minimum}; received "
-            f"{name}={value!r}."
-        )
-    return int(value)
+from tfdml.validation import check_int
 
 
 @registry.register
@@ -71,9 +59,9 @@ class CrossBatchMemory(keras.layers.Layer):
         kwargs.pop("dtype", None)
         kwargs.pop("trainable", None)
         super().__init__(dtype="float32", trainable=False, **kwargs)
-        self.size = _positive_int("size", size)
-        self.dim = _positive_int("dim", dim)
-        self.start_after = _positive_int("start_after", start_after, 0)
+        self.size = check_int("size", size)
+        self.dim = check_int("dim", dim)
+        self.start_after = check_int("start_after", start_after, 0)
         self.embeddings = self._variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
