@@ -65,6 +65,7 @@ import tensorflow as tf
 
 from tfdml import registry
 from tfdml.validation import check_int
+from tfdml.variables import state_variable
 
 BIG_NUMBER = 1e12  # the official code's sentinel for excluded neighbours
 
@@ -370,32 +371,21 @@ class IAAEstimator(keras.layers.Layer):
         self.official_code = bool(official_code)
         c, d = self.num_classes, self.dim
         zeros = np.zeros((c, d), np.float32)
-        self.mean = self._variable("mean", zeros)
-        self.variance = self._variable("variance", zeros)
-        self.sampling_variance = self._variable("sampling_variance", zeros)
-        self.amount = self._variable("amount", np.zeros((c,), np.float32))
-        self.counts = self._variable("counts", np.zeros((c,), np.float32))
-        self.num_updates = self._variable("num_updates", np.int32(0))
+        self.mean = state_variable("mean", zeros)
+        self.variance = state_variable("variance", zeros)
+        self.sampling_variance = state_variable("sampling_variance", zeros)
+        self.amount = state_variable("amount", np.zeros((c,), np.float32))
+        self.counts = state_variable("counts", np.zeros((c,), np.float32))
+        self.num_updates = state_variable("num_updates", np.int32(0))
         if self.uses_correction:
-            self.neighbor_variance = self._variable("neighbor_variance", zeros)
-            self.global_variance = self._variable(
+            self.neighbor_variance = state_variable("neighbor_variance", zeros)
+            self.global_variance = state_variable(
                 "global_variance", np.zeros((d,), np.float32)
             )
-            self.class_weight = self._variable(
+            self.class_weight = state_variable(
                 "class_weight", np.zeros((c,), np.float32)
             )
         self.built = True
-
-    def _variable(self, name, value):
-        return keras.Variable(
-            value,
-            dtype=value.dtype.name,
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-            synchronization="on_write",
-            name=name,
-        )
 
     @property
     def uses_correction(self):

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from tfdml import registry
 from tfdml.validation import check_int
+from tfdml.variables import state_variable
 
 
 @registry.register
@@ -60,28 +61,17 @@ class ClassDictionary(keras.layers.Layer):
         self.dim = check_int("dim", dim)
         self.d_size = check_int("d_size", d_size)
         size = self.num_classes * self.d_size
-        self.features = self._variable(
+        self.features = state_variable(
             "features", np.zeros((size + 1, self.dim), np.float32)
         )
         c = self.num_classes
-        self.counts = self._variable("counts", np.zeros((c,), np.int32))
-        self.heads = self._variable("heads", np.zeros((c,), np.int32))
-        self.first_seen = self._variable(
+        self.counts = state_variable("counts", np.zeros((c,), np.int32))
+        self.heads = state_variable("heads", np.zeros((c,), np.int32))
+        self.first_seen = state_variable(
             "first_seen", np.full((c,), -1, np.int32)
         )
-        self.num_seen = self._variable("num_seen", np.int32(0))
+        self.num_seen = state_variable("num_seen", np.int32(0))
         self.built = True
-
-    def _variable(self, name, value):
-        return keras.Variable(
-            value,
-            dtype=value.dtype.name,
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-            synchronization="on_write",
-            name=name,
-        )
 
     # -- reading -----------------------------------------------------------
     def num_classes_seen(self):

@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from tfdml import registry
 from tfdml.validation import check_int
+from tfdml.variables import state_variable
 
 
 @registry.register
@@ -62,28 +63,17 @@ class CrossBatchMemory(keras.layers.Layer):
         self.size = check_int("size", size)
         self.dim = check_int("dim", dim)
         self.start_after = check_int("start_after", start_after, 0)
-        self.embeddings = self._variable(
+        self.embeddings = state_variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
-        self.labels = self._variable(
+        self.labels = state_variable(
             "labels", np.full((self.size,), -1, np.int32)
         )
-        self.ids = self._variable("ids", np.full((self.size,), -1, np.int32))
-        self.pointer = self._variable("pointer", np.int32(0))
-        self.filled = self._variable("filled", np.int32(0))
-        self.step = self._variable("step", np.int32(0))
+        self.ids = state_variable("ids", np.full((self.size,), -1, np.int32))
+        self.pointer = state_variable("pointer", np.int32(0))
+        self.filled = state_variable("filled", np.int32(0))
+        self.step = state_variable("step", np.int32(0))
         self.built = True
-
-    def _variable(self, name, value):
-        return keras.Variable(
-            value,
-            dtype=value.dtype.name,
-            trainable=False,
-            autocast=False,
-            aggregation="only_first_replica",
-            synchronization="on_write",
-            name=name,
-        )
 
     @property
     def active(self):
