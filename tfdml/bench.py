@@ -75,6 +75,22 @@ _TRIPLET = {"name": "TripletMarginLoss", "margin": 0.2, "mining": "semi-hard"}
 # name -> (label, base row for "does it beat its base", config sections).
 # Loss hyper-parameters follow configs/*_cjk.yaml (seeds.md recipes);
 # optimizer, schedule, batch and budget are shared (set in make_config).
+_MMSI_MS = {
+    "name": "MMSIMultiSimilarityLoss",
+    "alpha": 2.0,
+    "beta": 40.0,
+    "base": 0.5,
+    "coefficient": 2.0,
+    "epsilon": 0.05,
+}
+_MMSI_MS_META = {
+    "method": "mmsi",
+    "val_classes_per_batch": 10,
+    "val_samples_per_class": 1,
+    "d_size": 100,
+    "min_classes_before_update": 0,
+}
+
 METHODS = {
     "raw_pixels": ("raw pixels (no training)", None, None),
     "contrastive": ("contrastive", None, {"loss": _CONTRASTIVE}),
@@ -146,44 +162,14 @@ METHODS = {
     "mmsi_ms": (
         "MMSI + MS",
         "ms",
-        {
-            "loss": {
-                "name": "MMSIMultiSimilarityLoss",
-                "alpha": 2.0,
-                "beta": 40.0,
-                "base": 0.5,
-                "coefficient": 2.0,
-                "epsilon": 0.05,
-            },
-            "meta": {
-                "method": "mmsi",
-                "val_classes_per_batch": 10,
-                "val_samples_per_class": 1,
-                "d_size": 100,
-                "min_classes_before_update": 0,
-            },
-        },
+        {"loss": _MMSI_MS, "meta": _MMSI_MS_META},
     ),
     "mmsi_ms_separate": (
         "MMSI + MS (separate normalisation)",
         "mmsi_ms",
         {
-            "loss": {
-                "name": "MMSIMultiSimilarityLoss",
-                "alpha": 2.0,
-                "beta": 40.0,
-                "base": 0.5,
-                "coefficient": 2.0,
-                "epsilon": 0.05,
-            },
-            "meta": {
-                "method": "mmsi",
-                "val_classes_per_batch": 10,
-                "val_samples_per_class": 1,
-                "d_size": 100,
-                "min_classes_before_update": 0,
-                "normalization": "separate",
-            },
+            "loss": _MMSI_MS,
+            "meta": {**_MMSI_MS_META, "normalization": "separate"},
         },
     ),
     "iaa_contrastive": (
