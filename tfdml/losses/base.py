@@ -42,6 +42,19 @@ def check_choice(name, value, choices):
     return value
 
 
+def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None):
+    """Validates anchors and the optional reference set (ranks, dtypes).
+
+    Returns ``(embeddings, int32 labels, ref_embeddings, int32 ref_labels)``.
+    """
+    labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
+    if ref_embeddings is not None:
+        ref_labels, ref_embeddings = ops.check_labels_embeddings(
+            ref_labels, ref_embeddings, name="ref_labels"
+        )
+    return embeddings, labels, ref_embeddings, ref_labels
+
+
 class PairLoss(keras.losses.Loss):
     """Base class: builds the pair contract and calls :meth:`pair_loss`.
 
@@ -95,11 +108,9 @@ class PairLoss(keras.losses.Loss):
           pair_weights: optional ``[B, M]`` external pair weights (MMSI).
           **context: extra per-example inputs for weightings (e.g. ``probs``).
         """
-        labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
-        if ref_embeddings is not None:
-            ref_labels, ref_embeddings = ops.check_labels_embeddings(
-                ref_labels, ref_embeddings, name="ref_labels"
-            )
+        embeddings, labels, ref_embeddings, ref_labels = check_inputs(
+            embeddings, labels, ref_embeddings, ref_labels
+        )
         sim = self.similarity(embeddings, ref_embeddings)
         pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
         if self.miner is not None:

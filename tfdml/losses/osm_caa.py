@@ -63,6 +63,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import check_inputs
 from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.weighting.osm_caa import CAAWeighting
@@ -205,12 +206,10 @@ class WeightedContrastiveLoss(PairLoss):
         pair_weights=None,
         **context,
     ):
-        labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
+        embeddings, labels, ref_embeddings, ref_labels = check_inputs(
+            embeddings, labels, ref_embeddings, ref_labels
+        )
         multiplicity = 2.0
-        if ref_embeddings is not None:
-            ref_labels, ref_embeddings = ops.check_labels_embeddings(
-                ref_labels, ref_embeddings, name="ref_labels"
-            )
         a = (
             ops.l2_normalize(embeddings)
             if self.normalize

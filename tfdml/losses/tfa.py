@@ -45,6 +45,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import check_inputs
 from tfdml.losses.base import check_non_negative
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.losses.lifted import lifted_structure_song
@@ -238,11 +239,9 @@ class _TfaEmbeddingLoss(PairLoss):
             raise ValueError(
                 f"{type(self).__name__} does not support pair_weights."
             )
-        labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
-        if ref_embeddings is not None:
-            ref_labels, ref_embeddings = ops.check_labels_embeddings(
-                ref_labels, ref_embeddings, name="ref_labels"
-            )
+        embeddings, labels, ref_embeddings, ref_labels = check_inputs(
+            embeddings, labels, ref_embeddings, ref_labels
+        )
         if self.normalize:
             embeddings = ops.l2_normalize(embeddings)
             if ref_embeddings is not None:
