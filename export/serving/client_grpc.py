@@ -1,10 +1,17 @@
 """Query a tfdml model on TF-Serving's gRPC API (a PredictRequest).
 
-    pip install tensorflow-serving-api grpcio
+    pip install grpcio
+    pip install --no-deps tensorflow-serving-api==2.20.0
     python client_grpc.py --target localhost:8500 --model tfdml \
         [--k 5] image.jpg [...]
 
-Calls ``embed_bytes`` with the encoded images, then ``search``.
+``tensorflow-serving-api`` declares a dependency on ``tensorflow``; install it
+with ``--no-deps`` next to ``tensorflow-cpu`` (see requirements-serving.txt).
+
+Calls ``embed_bytes`` with the encoded images, then ``search``. ``main``
+returns ``{"ids": [[str]], "scores": [[float]]}``, one row per image. A bad
+request raises ``grpc.RpcError`` (``INVALID_ARGUMENT``, the message names the
+input).
 """
 
 import argparse
@@ -25,10 +32,49 @@ def make_request(model, signature, inputs):
 
 
 def predict(stub, model, signature, inputs, timeout=30.0):
+    """{output name: NumPy array} of one ``Predict`` call."""
     import tensorflow as tf
 
-    resp = stub.Predict(make_request(model, signature, inputs), timeout)
+    resp = stub.Predict(make_request(model, signature, inputs), timeout=timeout)
     return {k: tf.make_ndarray(v) for k, v in resp.outputs.items()}
+
+
+def embed_files(stub, model, paths, timeout=30.0):
+    """[B, d] embeddings of the encoded image files (``embed_bytes``)."""
+    import numpy as np
+
+    data = []
+    for path in paths:
+        with open(path, "rb") as f:
+            data.append(f.read())
+    out = predict(
+        stub,
+        model,
+        "embed_bytes",
+        {"image_bytes": np.array(data, dtype=object)},
+        timeout,
+    )
+    return out["embeddings"]
+
+
+def search(stub, model, embeddings, k, timeout=30.0):
+    """{"ids": [[str]], "scores": [[float]]}: the top ``k`` per row."""
+    import numpy as np
+
+    res = predict(
+        stub,
+        model,
+        "search",
+        {
+            "embeddings": np.asarray(embeddings, np.float32),
+            "k": np.int32(k),
+        },
+        timeout,
+    )
+    return {
+        "ids": [[i.decode() for i in row] for row in res["ids"]],
+        "scores": res["scores"].tolist(),
+    }
 
 
 def main(argv=None):
@@ -36,24 +82,18 @@ def main(argv=None):
     p.add_argument("--target", default="localhost:8500")
     p.add_argument("--model", default="tfdml")
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("images", nargs="+")
     a = p.parse_args(argv)
     import grpc
-    import numpy as np
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(
-        grpc.insecure_channel(a.target)
-    )
-    data = [open(path, "rb").read() for path in a.images]
-    emb = predict(
-        stub, a.model, "embed_bytes", {"image_bytes": np.array(data, object)}
-    )["embeddings"]
-    res = predict(
-        stub, a.model, "search", {"embeddings": emb, "k": np.int32(a.k)}
-    )
+    with grpc.insecure_channel(a.target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        emb = embed_files(stub, a.model, a.images, a.timeout)
+        res = search(stub, a.model, emb, a.k, a.timeout)
     for path, ids, scores in zip(a.images, res["ids"], res["scores"]):
-        hits = ", ".join(f"{i.decode()} ({s:.3f})" for i, s in zip(ids, scores))
+        hits = ", ".join(f"{i} ({s:.3f})" for i, s in zip(ids, scores))
         print(f"{path}: {hits}")
     return res
 

@@ -154,6 +154,29 @@ def test_ties_and_duplicates_dyadic():
         )
 
 
+@pytest.mark.parametrize("unroll_limit", [0, 64])
+def test_dense_kernels_agree_with_reference(monkeypatch, unroll_limit):
+    # unroll_limit 0: the dense path bins scores with tf.searchsorted;
+    # 64: with the unrolled XLA comparison kernel. Ties included (dyadic).
+    from tfdml.eval import metrics as m
+
+    monkeypatch.setattr(m, "_UNROLL_LIMIT", unroll_limit)
+    rng = np.random.default_rng(5)
+    x = rng.integers(-1, 2, size=(50, 3)).astype(np.float32)
+    x[np.abs(x).sum(1) == 0] = [1, 0, 0]
+    y = rng.integers(0, 3, 50)
+    r, rl = x[::-1].copy(), y[::-1].copy()
+    for args in ((x, y), (x, y, r, rl)):
+        got = retrieval_metrics(
+            *args,
+            normalize=False,
+            block_size=6,
+            ref_block_size=9,
+            sparse_limit=0,
+        )
+        assert_same(got, reference(*args, normalize=False))
+
+
 def test_lone_labels_and_all_excluded():
     x, _ = clustered(4, 12, 3, 4)
     lone = np.arange(12)

@@ -174,13 +174,80 @@ def _bucket_sparse(key, rows, cols, neg_sorted, rel_idx):
     return lo[:, 0] + tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
 
 
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _dense_buckets(s, ql, qidx, rel_scores, rel_idx, rl_c, offset, r_max):
+    """[B, C] relevant items ranked before each reference (R + 1: not a
+    negative).
+
+    One fused elementwise XLA kernel: each score is compared with the R
+    relevant scores of its query (R is small and static, so the loop is
+    unrolled and vectorises). A relevant item comes first when it scores
+    higher, or equally with a lower reference index. Padding slots (score
+    -inf) never come first.
+    """
+    c = tf.shape(s)[1]
+    cols = tf.range(c, dtype=tf.int64) + offset
+    neg = ql[:, None] != rl_c[None, :]
+    neg &= cols[None, :] != qidx[:, None]
+    # Tie-breaks compare chunk-local int32 indices (int64 is slower); the
+    # relevant indices are clipped to [-1, C], which keeps every comparison.
+    local = tf.range(c, dtype=tf.int32)[None, :]
+    rel_local = tf.cast(
+        tf.clip_by_value(rel_idx - offset, -1, tf.cast(c, tf.int64)), tf.int32
+    )
+    bucket = tf.zeros(tf.shape(s), tf.int32)
+    for i in range(r_max):
+        t = rel_scores[:, i : i + 1]
+        j = rel_local[:, i : i + 1]
+        first = (t > s) | ((t == s) & (j < local))
+        bucket += tf.cast(first, tf.int32)
+    return tf.where(neg, bucket, r_max + 1)
+
+
+def _dense_buckets_search(s, ql, qidx, neg_sorted, rel_idx, rl_c, offset):
+    """As :func:`_dense_buckets` with ``tf.searchsorted`` (any R)."""
+    b = tf.shape(s)[0]
+    r_max = tf.shape(neg_sorted)[1]
+    key = -s
+    cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
+    neg = ql[:, None] != rl_c[None, :]
+    neg &= cols[None, :] != qidx[:, None]
+    lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
+    # A tie exists iff the first threshold not below the key equals it.
+    pad = tf.fill([b, 1], tf.constant(np.inf, neg_sorted.dtype))
+    at = tf.gather(tf.concat([neg_sorted, pad], 1), lo, batch_dims=1)
+    tie = tf.where((at == key) & neg)
+    corr = _bucket_sparse(
+        tf.gather_nd(key, tie),
+        tie[:, 0],
+        tie[:, 1] + offset,
+        neg_sorted,
+        rel_idx,
+    ) - tf.gather_nd(lo, tie)
+    bucket = tf.tensor_scatter_nd_add(lo, tie, corr)
+    return tf.where(neg, bucket, r_max + 1)
+
+
+# Largest R_max whose dense kernel is unrolled (compile time grows with R).
+_UNROLL_LIMIT = 64
+
 # Above this many (negative, relevant) comparisons the dense path is used.
 _SPARSE_LIMIT = 1 << 24
 
 
 @tf.function(reduce_retracing=True)
 def _count_chunk(
-    q, ql, qidx, neg_sorted, rel_idx, refs_c, rl_c, offset, sparse_limit
+    q,
+    ql,
+    qidx,
+    neg_sorted,
+    rel_idx,
+    refs_c,
+    rl_c,
+    offset,
+    sparse_limit,
+    r_static,
+    unrolled,
 ):
     """For each query and i, negatives of this chunk ranked before item i.
 
@@ -189,15 +256,21 @@ def _count_chunk(
     binary search; when they are many (a poor embedding) every element of
     the block is placed instead.
     """
+    # R_max is a Python int (one trace per value): the dense kernel unrolls
+    # over it.
+    neg_sorted = tf.ensure_shape(neg_sorted, [None, r_static])
+    rel_idx = tf.ensure_shape(rel_idx, [None, r_static])
     b = tf.shape(neg_sorted)[0]
-    r_max = tf.shape(neg_sorted)[1]
+    r_max = r_static
     s = tf.matmul(q, refs_c, transpose_b=True)  # [B, C]
-    key = -s
     finite = tf.math.is_finite(neg_sorted)
     worst = tf.reduce_max(tf.where(finite, neg_sorted, -np.inf), axis=1)
-    # Candidates (any label) first; the label test runs on the few only.
-    cand = key <= worst[:, None]
-    n_cand = tf.reduce_sum(tf.cast(cand, tf.int64))
+    # Candidates (any label) first, read straight off the scores (one pass);
+    # the label test runs on the few only. ``-worst`` is the query's lowest
+    # relevant score (+inf when it has none: no candidate).
+    cand = s >= -worst[:, None]
+    per_row = tf.reduce_sum(tf.cast(cand, tf.int32), axis=1)  # < 2**31
+    n_cand = tf.reduce_sum(tf.cast(per_row, tf.int64))
     nb = b * (r_max + 1)
 
     def sparse():
@@ -206,7 +279,7 @@ def _count_chunk(
         is_neg &= idx[:, 1] + offset != tf.gather(qidx, idx[:, 0])
         idx = tf.boolean_mask(idx, is_neg)
         bucket = _bucket_sparse(
-            tf.gather_nd(key, idx),
+            -tf.gather_nd(s, idx),
             idx[:, 0],
             idx[:, 1] + offset,
             neg_sorted,
@@ -217,23 +290,14 @@ def _count_chunk(
         return tf.reshape(c, [b, r_max + 1])
 
     def dense():
-        cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
-        neg = ql[:, None] != rl_c[None, :]
-        neg &= cols[None, :] != qidx[:, None]
-        lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
-        # A tie exists iff the first threshold not below the key equals it.
-        pad = tf.fill([b, 1], tf.constant(np.inf, neg_sorted.dtype))
-        at = tf.gather(tf.concat([neg_sorted, pad], 1), lo, batch_dims=1)
-        tie = tf.where((at == key) & neg)
-        corr = _bucket_sparse(
-            tf.gather_nd(key, tie),
-            tie[:, 0],
-            tie[:, 1] + offset,
-            neg_sorted,
-            rel_idx,
-        ) - tf.gather_nd(lo, tie)
-        bucket = tf.tensor_scatter_nd_add(lo, tie, corr)
-        bucket = tf.where(neg, bucket, r_max + 1)
+        if unrolled:
+            bucket = _dense_buckets(
+                s, ql, qidx, -neg_sorted, rel_idx, rl_c, offset, r_max
+            )
+        else:  # large classes: a binary search per score
+            bucket = _dense_buckets_search(
+                s, ql, qidx, neg_sorted, rel_idx, rl_c, offset
+            )
         return tf.math.bincount(
             bucket, minlength=r_max + 1, maxlength=r_max + 1, axis=-1
         )
@@ -287,6 +351,8 @@ def _ranks_exact(
                 rl_t[c0:c1],
                 tf.constant(c0, tf.int64),
                 tf.constant(sparse_limit, tf.int64),
+                r_max,
+                r_max <= _UNROLL_LIMIT,
             )
             counts = c if counts is None else counts + c
         before = np.cumsum(counts.numpy()[:, :r_max], axis=1)
