@@ -86,6 +86,15 @@ def test_retrieval_metrics_scann_mode():
     for key in ("recall@1", "recall@4", "precision@1", "r_precision", "map@r"):
         assert ap[key] == pytest.approx(ex[key], abs=1e-6), key
     assert ap["num_queries"] == ex["num_queries"]
+    # A sample of queries against the whole set (self excluded by id).
+    pick = np.arange(0, 3000, 7)
+    ex_s = retrieval_metrics(x[pick], y[pick], x, y, query_ids=pick)
+    ap_s = retrieval_metrics(
+        x[pick], y[pick], x, y, query_ids=pick, method="scann"
+    )
+    assert ap_s["num_queries"] == ex_s["num_queries"] == len(pick)
+    for key in ("recall@1", "recall@4", "r_precision", "map@r"):
+        assert ap_s[key] == pytest.approx(ex_s[key], abs=1e-6), key
 
 
 def test_missing_scann_gives_clear_error(monkeypatch):

@@ -9,12 +9,25 @@ from tfdml.eval import retrieval_metrics
 
 
 def reference(
-    q, ql, r=None, rl=None, ks=(1, 2, 4, 8), exclude_self=None, normalize=True
+    q,
+    ql,
+    r=None,
+    rl=None,
+    ks=(1, 2, 4, 8),
+    exclude_self=None,
+    normalize=True,
+    query_ids=None,
 ):
-    """Full sort in float64; order = (score desc, reference index asc)."""
+    """Full sort in float64; order = (score desc, reference index asc).
+
+    Query i's own reference (excluded) is ``query_ids[i]``, or ``i`` with
+    ``exclude_self``.
+    """
     own = r is None
     if exclude_self is None:
         exclude_self = own
+    if query_ids is None:
+        query_ids = np.arange(len(q)) if exclude_self else np.full(len(q), -1)
     if own:
         r, rl = q, ql
     q = np.asarray(q, np.float64)
@@ -28,7 +41,7 @@ def reference(
     excluded = 0
     for i in range(len(q)):
         s = r @ q[i]
-        cand = [j for j in range(len(r)) if not (exclude_self and j == i)]
+        cand = [j for j in range(len(r)) if j != query_ids[i]]
         cand.sort(key=lambda j: (-s[j], j))
         rel = np.array([rl[j] == ql[i] for j in cand], bool)
         big_r = rel.sum()
@@ -222,6 +235,51 @@ def test_perfect_and_known_values():
     assert m["recall@2"] == 0 and m["recall@4"] == 1
     assert m["mrr"] == pytest.approx(1 / 3)
     assert m["map"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 24])
+def test_query_sample_of_the_references(limit):
+    # A sample of the set scored against the whole set: with query_ids the
+    # sample's rows equal those of the full self-retrieval.
+    x, y = clustered(8, 90, 7, 5, noise=1.2)
+    pick = np.array([3, 17, 0, 88, 41, 41, 60])
+    want = reference(x[pick], y[pick], x, y, query_ids=pick)
+    got = retrieval_metrics(
+        x[pick],
+        y[pick],
+        x,
+        y,
+        query_ids=pick,
+        block_size=3,
+        ref_block_size=20,
+        sparse_limit=limit,
+    )
+    assert_same(got, want)
+    # Without the ids the query finds itself first: a different answer.
+    plain = retrieval_metrics(x[pick], y[pick], x, y)
+    assert plain["precision@1"] == 1.0 != got["precision@1"]
+    # A singleton class in the sample: its query has no other reference.
+    y2 = y.copy()
+    y2[17] = 100
+    got2 = retrieval_metrics(x[pick], y2[pick], x, y2, query_ids=pick)
+    assert got2["num_excluded"] == 1
+    assert_same(got2, reference(x[pick], y2[pick], x, y2, query_ids=pick))
+
+
+def test_query_ids_bad_input():
+    x, y = clustered(6, 10, 2, 3)
+    with pytest.raises(ValueError, match="query_ids.*shape"):
+        retrieval_metrics(x[:3], y[:3], x, y, query_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"query_ids.*\[0, 10\)"):
+        retrieval_metrics(x[:2], y[:2], x, y, query_ids=[0, 10])
+    with pytest.raises(ValueError, match="query_ids.*integer"):
+        retrieval_metrics(x[:2], y[:2], x, y, query_ids=[0.0, 1.0])
+    with pytest.raises(ValueError, match="exclude_self=False"):
+        retrieval_metrics(
+            x[:2], y[:2], x, y, query_ids=[0, 1], exclude_self=False
+        )
+    with pytest.raises(ValueError, match="query_ids"):
+        retrieval_metrics(x[:2], y[:2], x, y, exclude_self=True)
 
 
 def test_bad_input():

@@ -88,6 +88,7 @@ def _prepare(
     ref_labels,
     exclude_self,
     normalize,
+    query_ids=None,
 ):
     q = _as_float_matrix(query_embeddings, "query_embeddings")
     ql = _as_labels(query_labels, len(q), "query_labels")
@@ -108,22 +109,52 @@ def _prepare(
                 "`ref_embeddings` must have the query dimension "
                 f"{q.shape[1]}; received {r.shape[1]}."
             )
-    if exclude_self is None:
-        exclude_self = own
-    if exclude_self and len(r) != len(q):
-        raise ValueError(
-            "`exclude_self=True` pairs query i with reference i and needs "
-            f"as many references as queries; received {len(q)} queries and "
-            f"{len(r)} references."
-        )
+    if query_ids is not None:
+        if exclude_self is False:
+            raise ValueError(
+                "`query_ids` names each query's own reference, which is "
+                "excluded; it cannot be combined with exclude_self=False."
+            )
+        self_idx = np.asarray(query_ids)
+        if self_idx.ndim != 1 or len(self_idx) != len(q):
+            raise ValueError(
+                f"`query_ids` must have shape [{len(q)}]; received shape "
+                f"{self_idx.shape}."
+            )
+        if not np.issubdtype(self_idx.dtype, np.integer):
+            raise ValueError(
+                "`query_ids` must be integer reference indices; received "
+                f"dtype {self_idx.dtype}."
+            )
+        self_idx = self_idx.astype(np.int64)
+        bad = (self_idx < 0) | (self_idx >= len(r))
+        if bad.any():
+            raise ValueError(
+                f"`query_ids` must be in [0, {len(r)}); received "
+                f"{self_idx[bad][0]}."
+            )
+    else:
+        if exclude_self is None:
+            exclude_self = own
+        if exclude_self and len(r) != len(q):
+            raise ValueError(
+                "`exclude_self=True` pairs query i with reference i and "
+                f"needs as many references as queries; received {len(q)} "
+                f"queries and {len(r)} references (pass `query_ids` when "
+                "the queries are a subset of the references)."
+            )
+        self_idx = np.arange(len(q)) if exclude_self else np.full(len(q), -1)
     if normalize:
         q = _normalize(q)
         r = q if own else _normalize(r)
-    return q, ql, r, rl, bool(exclude_self)
+    return q, ql, r, rl, self_idx.astype(np.int64)
 
 
-def _class_tables(ql, rl, exclude_self):
-    """Reference indices grouped by label, and each query's R."""
+def _class_tables(ql, rl, self_idx):
+    """Reference indices grouped by label, and each query's R.
+
+    ``self_idx[i]`` is the reference excluded for query i (-1: none).
+    """
     order = np.lexsort((np.arange(len(rl)), rl))  # by label, then index
     classes, starts, counts = np.unique(
         rl[order], return_index=True, return_counts=True
@@ -133,7 +164,8 @@ def _class_tables(ql, rl, exclude_self):
     found = (len(classes) > 0) & (classes[pos_c] == ql)
     start = np.where(found, starts[pos_c], 0)
     count = np.where(found, counts[pos_c], 0)
-    self_rel = exclude_self & (rl[: len(ql)] == ql) if exclude_self else 0
+    has_self = self_idx >= 0
+    self_rel = has_self & (rl[np.where(has_self, self_idx, 0)] == ql)
     r = np.maximum(count - self_rel, 0)
     r_max = int(counts.max()) if len(counts) else 1
     return order.astype(np.int64), start, count, r, max(r_max, 1)
@@ -306,11 +338,9 @@ def _count_chunk(
     return tf.cond(use_sparse, sparse, dense)
 
 
-def _ranks_exact(
-    q, ql, r, rl, exclude_self, block_size, ref_block, sparse_limit
-):
+def _ranks_exact(q, ql, r, rl, self_idx, block_size, ref_block, sparse_limit):
     """[Nq, r_max] 1-based ranks of the relevant items (0 = no item)."""
-    order, start, count, big_r, r_max = _class_tables(ql, rl, exclude_self)
+    order, start, count, big_r, r_max = _class_tables(ql, rl, self_idx)
     refs = tf.constant(r)
     order_t = tf.constant(order)
     rl_t = tf.constant(rl)
@@ -323,11 +353,7 @@ def _ranks_exact(
         b1 = min(n, b0 + bq)
         qb = tf.constant(q[b0:b1])
         qlb = tf.constant(ql[b0:b1])
-        qidx = (
-            tf.range(b0, b1, dtype=tf.int64)
-            if exclude_self
-            else tf.fill([b1 - b0], tf.constant(-1, tf.int64))
-        )
+        qidx = tf.constant(self_idx[b0:b1])
         neg_sorted, rel_idx = _relevant_scores(
             qb,
             qlb,
@@ -438,14 +464,15 @@ def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
     return out
 
 
-def _scann_metrics(q, ql, r, rl, exclude_self, ks, sample, seed, scann_kw):
+def _scann_metrics(q, ql, r, rl, self_idx, ks, sample, seed, scann_kw):
     from tfdml.eval.index import BruteForceIndex
     from tfdml.eval.index import ScaNNIndex
 
-    _, _, _, big_r, r_max = _class_tables(ql, rl, exclude_self)
-    k = min(max(max(ks), r_max), len(r) - (1 if exclude_self else 0))
-    ids = np.arange(len(r)).astype(str)
+    _, _, _, big_r, r_max = _class_tables(ql, rl, self_idx)
+    exclude_self = bool(np.any(self_idx >= 0))
     extra = 1 if exclude_self else 0
+    k = min(max(max(ks), r_max), len(r) - extra)
+    ids = np.arange(len(r)).astype(str)
     index = ScaNNIndex(r, ids, **(scann_kw or {}))
 
     def search(idx, qq):
@@ -457,7 +484,7 @@ def _scann_metrics(q, ql, r, rl, exclude_self, ks, sample, seed, scann_kw):
     def drop_self(nb, rows):
         if not exclude_self:
             return nb[:, :k]
-        keep = nb != rows[:, None]
+        keep = nb != self_idx[rows][:, None]
         # keep the first k entries that are not the query itself
         out = np.zeros((len(nb), k), np.int64)
         for i in range(len(nb)):
@@ -496,6 +523,7 @@ def retrieval_metrics(
     scann_options=None,
     recall_at=None,
     sparse_limit=_SPARSE_LIMIT,
+    query_ids=None,
 ):
     """Retrieval metrics of a query set against a reference set.
 
@@ -522,6 +550,10 @@ def retrieval_metrics(
       seed: sampling seed for the ScaNN check.
       scann_options: keyword arguments for :class:`ScaNNIndex`.
       recall_at: alias of ``ks`` (the config key ``eval.recall_at``).
+      query_ids: ``[Nq]`` int, when the queries are (a subset of) the
+        references: reference ``query_ids[i]`` is query i itself and is
+        excluded (by index). Lets a sample of queries be scored against
+        the whole set.
       sparse_limit: per chunk, the most (candidate negative x R_max)
         comparisons done sparsely before the dense path is used (both are
         exact; a tuning knob).
@@ -547,6 +579,7 @@ def retrieval_metrics(
         ref_labels,
         exclude_self,
         normalize,
+        query_ids,
     )
     if method == "exact":
         if len(q) == 0:
