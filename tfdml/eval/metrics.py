@@ -260,6 +260,9 @@ def _dense_buckets_search(s, ql, qidx, neg_sorted, rel_idx, rl_c, offset):
     return tf.where(neg, bucket, r_max + 1)
 
 
+# Row slices of the dense path's bincount (run on parallel threads).
+_BINCOUNT_PARTS = 4
+
 # Largest R_max whose dense kernel is unrolled (compile time grows with R).
 _UNROLL_LIMIT = 64
 
@@ -330,8 +333,19 @@ def _count_chunk(
             bucket = _dense_buckets_search(
                 s, ql, qidx, neg_sorted, rel_idx, rl_c, offset
             )
-        return tf.math.bincount(
-            bucket, minlength=r_max + 1, maxlength=r_max + 1, axis=-1
+        # TF's 2-D bincount runs on one thread: row slices run in parallel.
+        cuts = [b * i // _BINCOUNT_PARTS for i in range(_BINCOUNT_PARTS + 1)]
+        return tf.concat(
+            [
+                tf.math.bincount(
+                    bucket[lo:hi],
+                    minlength=r_max + 1,
+                    maxlength=r_max + 1,
+                    axis=-1,
+                )
+                for lo, hi in zip(cuts[:-1], cuts[1:])
+            ],
+            axis=0,
         )
 
     use_sparse = n_cand * tf.cast(r_max, tf.int64) <= sparse_limit
