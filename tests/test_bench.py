@@ -203,3 +203,18 @@ def test_end_to_end_writes_table_plot_json(tmp_path):
     )
     assert rc == 0
     assert open(f"{base}.md", encoding="utf-8").read() == md
+
+
+def test_xbm_warmup_row_delays_the_memory_by_half_the_budget(tmp_path):
+    args = _args(tmp_path)
+    cfg = bench.make_config(args, "xbm_contrastive_warmup", 0, "x")
+    total = cfg["train"]["epochs"] * cfg["train"]["steps_per_epoch"]
+    assert cfg["memory"]["start_after"] == round(total / 2)
+    assert "start_after_fraction" not in cfg["memory"]
+    same = bench.make_config(args, "contrastive_xbm_margins", 0, "x")
+    assert same["loss"] == cfg["loss"]
+    assert not same.get("memory", {}).get("size")
+    # the table compares the delayed memory with the same loss, no memory
+    assert bench.METHODS["xbm_contrastive_warmup"][1] == (
+        "contrastive_xbm_margins"
+    )

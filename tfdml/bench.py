@@ -145,6 +145,35 @@ METHODS = {
             "memory": {"size": 2048, "start_after": 0},
         },
     ),
+    # XBM's row changes two things against "contrastive" (margins and the
+    # memory); these two rows separate them, and delay the memory (XBM's
+    # "slow drift" needs features that have stopped moving fast).
+    "contrastive_xbm_margins": (
+        "contrastive, XBM's margins (1.0 / 0.5), no memory",
+        "contrastive",
+        {
+            "loss": {
+                "name": "ContrastiveLoss",
+                "form": "similarity",
+                "pos_margin": 1.0,
+                "neg_margin": 0.5,
+            },
+        },
+    ),
+    "xbm_contrastive_warmup": (
+        "XBM + contrastive, memory after half the steps",
+        "contrastive_xbm_margins",
+        {
+            "loss": {
+                "name": "ContrastiveLoss",
+                "form": "similarity",
+                "pos_margin": 1.0,
+                "neg_margin": 0.5,
+            },
+            # make_config turns the fraction into memory.start_after steps
+            "memory": {"size": 2048, "start_after_fraction": 0.5},
+        },
+    ),
     "mmsi_contrastive": (
         "MMSI + contrastive",
         "contrastive",
@@ -263,6 +292,10 @@ def make_config(args, method, seed, run_dir):
             raw[section] = dict(values)
         else:
             raw[section].update(values)
+    frac = raw.get("memory", {}).pop("start_after_fraction", None)
+    if frac is not None:
+        total = args.epochs * steps_per_epoch
+        raw["memory"]["start_after"] = int(round(frac * total))
     if raw["data"].get("data_dir") is None:
         del raw["data"]["data_dir"]
     return config_lib.resolve(raw)
