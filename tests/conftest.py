@@ -47,3 +47,17 @@ def edge_batches():
 def _clear_session():
     keras.utils.clear_session()
     yield
+
+
+def tiny_encoder(h, w, c, d):
+    """A small image encoder with the exported model's outputs.
+
+    ``images [None, h, w, c]`` -> ``{"embeddings": [None, d] (unit norm),
+    "raw": [None, d]}``.
+    """
+    inp = keras.Input((h, w, c), name="images")
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    raw = keras.layers.Dense(d, name="raw")(x)
+    emb = keras.layers.UnitNormalization(name="embeddings")(raw)
+    return keras.Model(inp, {"embeddings": emb, "raw": raw})

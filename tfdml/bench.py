@@ -70,6 +70,8 @@ _MS = {
     "epsilon": 0.1,
 }
 _CONTRASTIVE = {"name": "ContrastiveLoss", "form": "similarity"}
+# XBM's contrastive (Wang et al. 2020): positives to 1, negatives below 0.5.
+_CONTRASTIVE_XBM = {**_CONTRASTIVE, "pos_margin": 1.0, "neg_margin": 0.5}
 _TRIPLET = {"name": "TripletMarginLoss", "margin": 0.2, "mining": "semi-hard"}
 
 # name -> (label, base row for "does it beat its base", config sections).
@@ -136,12 +138,7 @@ METHODS = {
         "XBM + contrastive",
         "contrastive",
         {
-            "loss": {
-                "name": "ContrastiveLoss",
-                "form": "similarity",
-                "pos_margin": 1.0,
-                "neg_margin": 0.5,
-            },
+            "loss": _CONTRASTIVE_XBM,
             "memory": {"size": 2048, "start_after": 0},
         },
     ),
@@ -152,24 +149,14 @@ METHODS = {
         "contrastive, XBM's margins (1.0 / 0.5), no memory",
         "contrastive",
         {
-            "loss": {
-                "name": "ContrastiveLoss",
-                "form": "similarity",
-                "pos_margin": 1.0,
-                "neg_margin": 0.5,
-            },
+            "loss": _CONTRASTIVE_XBM,
         },
     ),
     "xbm_contrastive_warmup": (
         "XBM + contrastive, memory after half the steps",
         "contrastive_xbm_margins",
         {
-            "loss": {
-                "name": "ContrastiveLoss",
-                "form": "similarity",
-                "pos_margin": 1.0,
-                "neg_margin": 0.5,
-            },
+            "loss": _CONTRASTIVE_XBM,
             # make_config turns the fraction into memory.start_after steps
             "memory": {"size": 2048, "start_after_fraction": 0.5},
         },

@@ -24,6 +24,8 @@ import yaml
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from tests.conftest import tiny_encoder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 H, W, C, D, N, K = 8, 8, 3, 6, 12, 4
 
@@ -135,14 +137,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpc")
     run = tmp / "run"
     run.mkdir()
-    inp = keras.Input((H, W, C), name="images")
-    h = keras.layers.Conv2D(4, 3, activation="relu")(inp)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    raw = keras.layers.Dense(D, name="raw")(h)
-    emb = keras.layers.UnitNormalization(name="embeddings")(raw)
-    keras.Model(inp, {"embeddings": emb, "raw": raw}).save(
-        run / "best_encoder.keras"
-    )
+    tiny_encoder(H, W, C, D).save(run / "best_encoder.keras")
     (run / "config.yaml").write_text(
         yaml.safe_dump({"model": {"image_size": H, "channels": C}})
     )

@@ -14,6 +14,8 @@ import tensorflow as tf
 import yaml
 from PIL import Image
 
+from tests.conftest import tiny_encoder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 H, W, C, D, N, K = 8, 8, 3, 6, 40, 5
@@ -68,15 +70,6 @@ json.dump(res, open(out + ".json", "w"))
 """
 
 
-def _encoder():
-    inp = keras.Input((H, W, C), name="images")
-    h = keras.layers.Conv2D(4, 3, activation="relu")(inp)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    raw = keras.layers.Dense(D, name="raw")(h)
-    emb = keras.layers.UnitNormalization(name="embeddings")(raw)
-    return keras.Model(inp, {"embeddings": emb, "raw": raw})
-
-
 def _png(a):
     b = io.BytesIO()
     Image.fromarray(a).save(b, format="PNG")
@@ -95,7 +88,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     run = tmp / "run"
     run.mkdir()
-    enc = _encoder()
+    enc = tiny_encoder(H, W, C, D)
     enc.save(run / "best_encoder.keras")
     (run / "config.yaml").write_text(
         yaml.safe_dump({"model": {"image_size": H, "channels": C}})

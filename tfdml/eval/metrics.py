@@ -206,6 +206,13 @@ def _bucket_sparse(key, rows, cols, neg_sorted, rel_idx):
     return lo[:, 0] + tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
 
 
+def _negatives(ql, qidx, rl_c, offset, c):
+    """[B, C] bool: reference ``offset + j`` is a negative of query b."""
+    cols = tf.range(c, dtype=tf.int64) + offset
+    neg = ql[:, None] != rl_c[None, :]
+    return neg & (cols[None, :] != qidx[:, None])
+
+
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _dense_buckets(s, ql, qidx, rel_scores, rel_idx, rl_c, offset, r_max):
     """[B, C] relevant items ranked before each reference (R + 1: not a
@@ -218,9 +225,7 @@ def _dense_buckets(s, ql, qidx, rel_scores, rel_idx, rl_c, offset, r_max):
     -inf) never come first.
     """
     c = tf.shape(s)[1]
-    cols = tf.range(c, dtype=tf.int64) + offset
-    neg = ql[:, None] != rl_c[None, :]
-    neg &= cols[None, :] != qidx[:, None]
+    neg = _negatives(ql, qidx, rl_c, offset, c)
     # Tie-breaks compare chunk-local int32 indices (int64 is slower); the
     # relevant indices are clipped to [-1, C], which keeps every comparison.
     local = tf.range(c, dtype=tf.int32)[None, :]
@@ -241,9 +246,7 @@ def _dense_buckets_search(s, ql, qidx, neg_sorted, rel_idx, rl_c, offset):
     b = tf.shape(s)[0]
     r_max = tf.shape(neg_sorted)[1]
     key = -s
-    cols = tf.range(tf.shape(s)[1], dtype=tf.int64) + offset
-    neg = ql[:, None] != rl_c[None, :]
-    neg &= cols[None, :] != qidx[:, None]
+    neg = _negatives(ql, qidx, rl_c, offset, tf.shape(s)[1])
     lo = tf.searchsorted(neg_sorted, key, side="left", out_type=tf.int32)
     # A tie exists iff the first threshold not below the key equals it.
     pad = tf.fill([b, 1], tf.constant(np.inf, neg_sorted.dtype))
