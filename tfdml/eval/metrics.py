@@ -25,10 +25,13 @@ are bit-identical.
 Algorithm (exact, no ``N x N`` matrix): for a block of queries the scores of
 the relevant references are gathered (the members of the query's class) and
 sorted; then the reference set is streamed in chunks and every *negative*
-reference scoring at least the query's lowest relevant score is placed by
-``tf.searchsorted`` among the sorted relevant scores; a ``bincount`` of these
-positions, accumulated over chunks, gives the exact rank of every relevant
-reference (the ranks give every metric, so no top-k list is needed). Memory is
+reference scoring at least the query's lowest relevant score is placed among
+the sorted relevant scores: by ``tf.searchsorted`` on the gathered few when
+they are few (a trained embedding), or, when they are many, by one fused XLA
+kernel that compares every score of the chunk with the query's R relevant
+scores; a ``bincount`` of these positions, accumulated over chunks, gives
+the exact rank of every relevant reference (the ranks give every metric,
+``map`` and ``mrr`` included, which a top-k list could not). Memory is
 ``O(query_block * (ref_block + R_max * d))`` plus the inputs.
 """
 
@@ -292,7 +295,8 @@ def _count_chunk(
     Only negatives scoring at least the lowest relevant score of their query
     can precede a relevant item, so these few are gathered and placed by a
     binary search; when they are many (a poor embedding) every element of
-    the block is placed instead.
+    the block is placed instead (:func:`_dense_buckets`, or
+    :func:`_dense_buckets_search` when ``unrolled`` is False).
     """
     # R_max is a Python int (one trace per value): the dense kernel unrolls
     # over it.
