@@ -177,6 +177,49 @@ def test_sorted_search_helpers():
     np.testing.assert_allclose(v.numpy()[e.numpy()], [0.1, 0.3, 0.5])
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 64, 65])
+def test_search_right_under_xla_matches_numpy(m):
+    # Under XLA the search is a binary search (tf.searchsorted there would
+    # build a [B, N, M] comparison); it must agree with np.searchsorted,
+    # ties and out-of-range queries included.
+    from tfdml.mining.semi_hard import search_right
+
+    rng = np.random.default_rng(m)
+    x = np.sort(rng.integers(-4, 5, (5, m)).astype(np.float32) / 2, axis=1)
+    q = rng.integers(-6, 7, (5, 9)).astype(np.float32) / 2
+    want = np.stack([np.searchsorted(a, b, side="right") for a, b in zip(x, q)])
+    xla = tf.function(search_right, jit_compile=True)
+    np.testing.assert_array_equal(xla(x, q).numpy(), want)
+    np.testing.assert_array_equal(search_right(x, q).numpy(), want)
+
+
+def test_smallest_greater_xla_equals_eager_with_ties():
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.integers(-3, 4, (6, 40)).astype(np.float32) / 2)
+    mask = tf.constant(rng.random((6, 40)) < 0.5)
+    q = tf.constant(rng.integers(-4, 5, (6, 30)).astype(np.float32) / 2)
+
+    def run(x, mask, q):
+        return smallest_greater(x, mask, q, return_index=True)
+
+    eager = run(x, mask, q)
+    xla = tf.function(run, jit_compile=True)(x, mask, q)
+    ok = eager[1].numpy()
+    np.testing.assert_array_equal(xla[1].numpy(), ok)
+    for e, g in zip(eager, xla):
+        np.testing.assert_array_equal(e.numpy()[ok], g.numpy()[ok])
+    # brute force: the smallest masked entry strictly above each query
+    xs, ms, qs = x.numpy(), mask.numpy(), q.numpy()
+    for b in range(6):
+        for j in range(30):
+            above = ms[b] & (xs[b] > qs[b, j])
+            assert ok[b, j] == above.any()
+            if above.any():
+                assert eager[0].numpy()[b, j] == xs[b][above].min()
+                first = np.flatnonzero(above & (xs[b] == xs[b][above].min()))
+                assert eager[2].numpy()[b, j] == first[0]
+
+
 @pytest.mark.parametrize(
     "build, word",
     [

@@ -13,6 +13,7 @@ for it. Both tests run with a sort and ``tf.searchsorted`` per anchor, so the
 cost is ``O(B M log M)`` time and ``O(B M)`` memory, never ``[B, M, M]``.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tfdml import ops
@@ -20,6 +21,50 @@ from tfdml import registry
 from tfdml.mining.base import Miner
 
 _BIG = -ops.NEG_INF
+
+
+def _in_xla():
+    """True while tracing for XLA (``tf.function(jit_compile=True)``)."""
+    try:
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private API moved
+        return False
+    graph = tf_ops.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+
+
+def search_right(sorted_x, queries):
+    """Per row, the number of ``sorted_x`` entries ``<= query``.
+
+    ``tf.searchsorted(..., side="right")``, except under XLA: there TF lowers
+    it to a ``[B, N, M]`` comparison (34 GB at B = N = M = 2048), so a
+    binary search of ``ceil(log2(M + 1))`` batched gathers is used instead,
+    ``O(B N log M)`` time and ``O(B N)`` memory.
+    """
+    if not _in_xla():
+        return tf.searchsorted(sorted_x, queries, side="right")
+    m = tf.shape(sorted_x)[1]
+    lo = tf.zeros(tf.shape(queries), tf.int32)
+    hi = tf.fill(tf.shape(queries), m)
+    steps = tf.cast(
+        tf.math.ceil(tf.math.log(tf.cast(m + 1, tf.float32)) / np.log(2.0)),
+        tf.int32,
+    )
+
+    def body(i, lo, hi):
+        mid = (lo + hi) // 2
+        v = tf.gather(sorted_x, tf.minimum(mid, m - 1), batch_dims=1)
+        active = lo < hi
+        right = active & (v <= queries)
+        left = active & ~(v <= queries)
+        return i + 1, tf.where(right, mid + 1, lo), tf.where(left, mid, hi)
+
+    # One extra step absorbs float rounding of the log.
+    _, lo, _ = tf.while_loop(
+        lambda i, lo, hi: i <= steps, body, (tf.constant(0), lo, hi)
+    )
+    return lo
 
 
 def smallest_greater(x, mask, queries, return_index=False):
@@ -41,9 +86,7 @@ def smallest_greater(x, mask, queries, return_index=False):
     filled = tf.where(mask, x, tf.fill(tf.shape(x), _BIG))
     order = tf.argsort(tf.stop_gradient(filled), axis=1, stable=True)
     sorted_x = tf.gather(filled, order, axis=1, batch_dims=1)
-    idx = tf.searchsorted(
-        tf.stop_gradient(sorted_x), tf.cast(queries, tf.float32), side="right"
-    )
+    idx = search_right(tf.stop_gradient(sorted_x), tf.cast(queries, tf.float32))
     count = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1, keepdims=True)
     exists = idx < count
     last = tf.shape(x)[1] - 1
