@@ -61,3 +61,19 @@ def tiny_encoder(h, w, c, d):
     raw = keras.layers.Dense(d, name="raw")(x)
     emb = keras.layers.UnitNormalization(name="embeddings")(raw)
     return keras.Model(inp, {"embeddings": emb, "raw": raw})
+
+
+def tiny_run_dir(root, h, w, c, d):
+    """``root/run``: the run folder ``export/export.py --run`` reads
+    (``best_encoder.keras`` from :func:`tiny_encoder`, seeded, and a
+    ``config.yaml`` with the image size and channels)."""
+    import yaml
+
+    keras.utils.set_random_seed(0)
+    run = root / "run"
+    run.mkdir()
+    tiny_encoder(h, w, c, d).save(run / "best_encoder.keras")
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"image_size": h, "channels": c}})
+    )
+    return run

@@ -16,15 +16,13 @@ from http.server import BaseHTTPRequestHandler
 from http.server import HTTPServer
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.conftest import tiny_encoder
+from tests.conftest import tiny_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 H, W, C, D, N, K = 8, 8, 3, 6, 12, 4
@@ -133,14 +131,8 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A brute-force export (export/export.py) behind an in-process server."""
-    keras.utils.set_random_seed(0)
     tmp = tmp_path_factory.mktemp("grpc")
-    run = tmp / "run"
-    run.mkdir()
-    tiny_encoder(H, W, C, D).save(run / "best_encoder.keras")
-    (run / "config.yaml").write_text(
-        yaml.safe_dump({"model": {"image_size": H, "channels": C}})
-    )
+    run = tiny_run_dir(tmp, H, W, C, D)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
     ids = np.array([f"img-{i:03d}" for i in range(N)])

@@ -11,10 +11,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 from PIL import Image
 
-from tests.conftest import tiny_encoder
+from tests.conftest import tiny_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
@@ -84,15 +83,8 @@ def _jpeg(a):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    keras.utils.set_random_seed(0)
     tmp = tmp_path_factory.mktemp("export")
-    run = tmp / "run"
-    run.mkdir()
-    enc = tiny_encoder(H, W, C, D)
-    enc.save(run / "best_encoder.keras")
-    (run / "config.yaml").write_text(
-        yaml.safe_dump({"model": {"image_size": H, "channels": C}})
-    )
+    run = tiny_run_dir(tmp, H, W, C, D)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (N, H, W, C), dtype=np.uint8)
     y = np.arange(N) % 4
