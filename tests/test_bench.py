@@ -9,30 +9,32 @@ import pytest
 from tfdml import bench
 
 
+def _argv(tmp_path):
+    """The tiny synthetic protocol every test here runs."""
+    return [
+        "--dataset",
+        "synthetic",
+        "--classes-per-batch",
+        "4",
+        "--samples-per-class",
+        "2",
+        "--image-size",
+        "16",
+        "--steps",
+        "4",
+        "--epochs",
+        "2",
+        "--val-classes",
+        "0.25",
+        "--out",
+        str(tmp_path / "results"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
+
+
 def _args(tmp_path, *extra):
-    return bench.parse_args(
-        [
-            "--dataset",
-            "synthetic",
-            "--classes-per-batch",
-            "4",
-            "--samples-per-class",
-            "2",
-            "--image-size",
-            "16",
-            "--steps",
-            "4",
-            "--epochs",
-            "2",
-            "--val-classes",
-            "0.25",
-            "--out",
-            str(tmp_path / "results"),
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            *extra,
-        ]
-    )
+    return bench.parse_args([*_argv(tmp_path), *extra])
 
 
 def test_protocol_split_disjoint_and_val_from_training_half():
@@ -153,32 +155,9 @@ def test_raw_pixel_row_matches_numpy_nearest_neighbour(tmp_path):
 
 def test_end_to_end_writes_table_plot_json(tmp_path):
     rc = bench.main(
-        [
-            "--dataset",
-            "synthetic",
-            "--methods",
-            "raw_pixels,contrastive",
-            "--seeds",
-            "1",
-            "--classes-per-batch",
-            "4",
-            "--samples-per-class",
-            "2",
-            "--image-size",
-            "16",
-            "--steps",
-            "4",
-            "--epochs",
-            "2",
-            "--val-classes",
-            "0.25",
-            "--out",
-            str(tmp_path / "results"),
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            "--name",
-            "t",
-        ]
+        _argv(tmp_path)
+        + ["--methods", "raw_pixels,contrastive", "--seeds", "1"]
+        + ["--name", "t"]
     )
     assert rc == 0
     base = tmp_path / "results" / "quality_t"
