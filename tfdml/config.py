@@ -288,6 +288,20 @@ SCHEMA = {
         "index": Field(str, "bruteforce", _choice("bruteforce", "scann")),
         "batch_size": Field(int, 128, _ge(1)),
         "plots": Field(bool, True),
+        "recalibrate_bn": Field(
+            bool,
+            True,
+            doc="precise BN: before every validation / test evaluation and "
+            "the export, set BatchNorm moving statistics to the exact "
+            "statistics of training-mode batches (no-op without trainable "
+            "BatchNorm)",
+        ),
+        "recalibrate_images": Field(
+            int,
+            1024,
+            _ge(1),
+            doc="training images (in training batches) used by recalibrate_bn",
+        ),
     },
     "export": {
         "enabled": Field(bool, False, doc="write RUN_DIR/export at the end"),

@@ -1299,11 +1299,51 @@ def train_dataset(cfg, built, start, strategy=None):
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+RECALIBRATION_SEED_OFFSET = 1_000_003
+
+
+def recalibration_data(cfg, built, encoder):
+    """``(training batches, number of batches)`` for precise BN, or
+    ``(None, None)`` when ``eval.recalibrate_bn`` is off or ``encoder`` has
+    no trainable BatchNorm.
+
+    The batches are training batches exactly as the step sees them (P x K,
+    augmentation included), drawn with a fixed seed so that every
+    recalibration (and a resumed run) uses the same images.
+    """
+    from tfdml.models import has_trainable_batchnorm
+
+    ev = cfg["eval"]
+    if not ev["recalibrate_bn"] or not has_trainable_batchnorm(encoder):
+        return None, None
+    d = cfg["data"]
+    batch = d["classes_per_batch"] * d["samples_per_class"]
+    num = max(1, -(-ev["recalibrate_images"] // batch))
+    seed = cfg["train"]["seed"] + RECALIBRATION_SEED_OFFSET
+    ds = built.data.train_batches(seed)
+    return ds.take(num), num
+
+
+def recalibrate(cfg, built, encoder):
+    """Runs precise BN on ``encoder`` per ``eval.recalibrate_bn``."""
+    from tfdml.models import recalibrate_batchnorm
+
+    ds, num = recalibration_data(cfg, built, encoder)
+    if ds is None:
+        return 0
+    return recalibrate_batchnorm(encoder, ds, num_batches=num)
+
+
 def validation_callback(cfg, built, parts):
-    """H3's retrieval evaluation on the validation classes (``val_*``)."""
+    """H3's retrieval evaluation on the validation classes (``val_*``).
+
+    With ``eval.recalibrate_bn`` the encoder's BatchNorm statistics are
+    recalibrated on training batches before every evaluation (so the saved
+    best encoder carries statistics that describe its weights)."""
     from tfdml import eval as eval_lib
 
     ev = cfg["eval"]
+    recal_ds, recal_n = recalibration_data(cfg, built, parts.encoder)
     return eval_lib.RetrievalEvaluationCallback(
         built.data.eval_dataset("val", ev["batch_size"]),
         encoder=parts.encoder,
@@ -1315,6 +1355,8 @@ def validation_callback(cfg, built, parts):
             "method": "scann" if ev["index"] == "scann" else "exact",
             "seed": cfg["train"]["seed"],
         },
+        recalibrate_data=recal_ds,
+        recalibrate_batches=recal_n,
     )
 
 
@@ -1350,6 +1392,8 @@ def finish(cfg, built, parts, run_dir, state):
     import keras
 
     final_path = os.path.join(run_dir, "final_encoder.keras")
+    # Precise BN before the final encoder is saved, tested and exported.
+    recalibrate(cfg, built, parts.encoder)
     parts.encoder.save(final_path)
     ds = built.data.eval_dataset("test", cfg["eval"]["batch_size"])
     report = {

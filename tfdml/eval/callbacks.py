@@ -43,6 +43,14 @@ class RetrievalEvaluationCallback(callbacks.Callback):
       batch_size: embedding batch size for arrays.
       log_dir: if given, also writes ``tf.summary`` scalars there.
       metric_options: extra keyword arguments of ``retrieval_metrics``.
+      recalibrate_data: training batches (a ``tf.data.Dataset`` of images
+        or ``(images, labels)``, or an image array) for
+        :func:`tfdml.models.recalibrate_batchnorm`, run before every
+        evaluation so that inference-mode BatchNorm statistics describe
+        the current weights (recommended when training from scratch).
+        ``None``: evaluate with the moving statistics as they are.
+      recalibrate_batches: how many batches of ``recalibrate_data`` to use
+        (required for an infinite dataset).
     """
 
     def __init__(
@@ -56,6 +64,8 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         batch_size=128,
         log_dir=None,
         metric_options=None,
+        recalibrate_data=None,
+        recalibrate_batches=None,
     ):
         super().__init__()
         if int(every_n_epochs) < 1:
@@ -94,6 +104,8 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         self.metric_options = dict(metric_options or {})
         self._writer = None
         self.history = []
+        self.recalibrate_data = recalibrate_data
+        self.recalibrate_batches = recalibrate_batches
 
     def _net(self):
         return self.encoder if self.encoder is not None else self.model
@@ -112,7 +124,21 @@ class RetrievalEvaluationCallback(callbacks.Callback):
             labels = [self._y]
         return np.concatenate(embs), np.concatenate(labels).astype(np.int64)
 
+    def recalibrate(self):
+        """Precise BN on ``recalibrate_data`` (no-op when it is None)."""
+        if self.recalibrate_data is None:
+            return 0
+        from tfdml.models.batchnorm import recalibrate_batchnorm
+
+        return recalibrate_batchnorm(
+            self._net(),
+            self.recalibrate_data,
+            num_batches=self.recalibrate_batches,
+            batch_size=self.batch_size,
+        )
+
     def evaluate(self):
+        self.recalibrate()
         emb, y = self.embed()
         return retrieval_metrics(emb, y, ks=self.ks, **self.metric_options)
 

@@ -179,8 +179,25 @@ class L2Normalization(keras.layers.Layer):
         return config
 
 
-def small_cnn(input_shape=(64, 64, 1), filters=(32, 64, 128), name=None):
+# BatchNorm defaults of tfdml-built networks: PyTorch's (momentum 0.1 in its
+# convention = 0.9 in Keras', epsilon 1e-5), not Keras' 0.99 / 1e-3. With
+# 0.99 the moving statistics lag hundreds of steps behind weights trained
+# from scratch; see tfdml.models.recalibrate_batchnorm for the full fix.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def small_cnn(
+    input_shape=(64, 64, 1),
+    filters=(32, 64, 128),
+    name=None,
+    bn_momentum=BN_MOMENTUM,
+    bn_epsilon=BN_EPSILON,
+):
     """A small conv net (Conv-BN-ReLU blocks) that trains on CPU.
+
+    BatchNorm uses ``bn_momentum`` 0.9 and ``bn_epsilon`` 1e-5 (PyTorch's
+    defaults, what pytorch-metric-learning users run).
 
     Returns a ``keras.Model`` ``[B, H, W, C] -> [B, h, w, filters[-1]]``.
     """
@@ -195,12 +212,16 @@ def small_cnn(input_shape=(64, 64, 1), filters=(32, 64, 128), name=None):
             use_bias=False,
             name=f"conv{i}",
         )(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.BatchNormalization(
+            momentum=bn_momentum, epsilon=bn_epsilon, name=f"bn{i}"
+        )(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     x = keras.layers.Conv2D(
         filters[-1], 3, padding="same", use_bias=False, name="conv_out"
     )(x)
-    x = keras.layers.BatchNormalization(name="bn_out")(x)
+    x = keras.layers.BatchNormalization(
+        momentum=bn_momentum, epsilon=bn_epsilon, name="bn_out"
+    )(x)
     x = keras.layers.ReLU(name="relu_out")(x)
     return keras.Model(inputs, x, name=name or "small_cnn")
 
