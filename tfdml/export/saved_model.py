@@ -22,8 +22,11 @@ Signatures (input names in brackets; ``K`` = the export's default k):
 Inputs are declared with unknown shape so that every check runs in the graph
 and a bad request gets an ``InvalidArgument`` error whose message names the
 input: wrong rank, wrong image size or channels, wrong embedding size,
-undecodable bytes (not JPEG/PNG), ``k`` not a scalar or outside
-``[1, max_k]``. Wrong dtypes are rejected by the signature itself.
+NaN or Inf in ``images`` or ``embeddings``, undecodable bytes (not
+JPEG/PNG), ``k`` not a scalar or outside ``[1, max_k]``. An encoder output
+that is not finite is ``InvalidArgument`` naming ``embeddings`` too, so no
+signature ever answers ids with NaN scores. Wrong dtypes are rejected by the
+signature itself.
 
 Index variants:
 
@@ -153,7 +156,17 @@ def _check_images(images, h, w, c):
             ],
         )
     images = _after([rank, size], images)
+    images = _finite(images, "images")
     return tf.ensure_shape(images, [None, h, w, c])
+
+
+def _finite(x, name, what="must be finite (no NaN or Inf)"):
+    """``x``, or InvalidArgument ``"<name>: ... Tensor had NaN values"``.
+
+    ``CheckNumerics`` is a stock op: it survives SavedModel export and runs
+    in the stock model server.
+    """
+    return tf.debugging.check_numerics(x, f"{name}: {what}")
 
 
 def _check_embeddings(emb, d):
@@ -161,7 +174,8 @@ def _check_embeddings(emb, d):
         _shape_is(emb, [None, d]),
         [f"embeddings: expected shape [batch, {d}]; got", tf.shape(emb)],
     )
-    return tf.ensure_shape(_after([ok], emb), [None, d])
+    emb = _finite(_after([ok], emb), "embeddings")
+    return tf.ensure_shape(emb, [None, d])
 
 
 def _check_k(k, max_k):
@@ -298,7 +312,12 @@ def build_archive(
     def embed(images):
         images = _check_images(images, h, w, c)
         e = _embeddings_of(encoder(images, training=False))
-        return tf.ensure_shape(tf.cast(e, tf.float32), [None, d])
+        e = _finite(
+            tf.cast(e, tf.float32),
+            "embeddings",
+            "the encoder output is not finite (NaN or Inf)",
+        )
+        return tf.ensure_shape(e, [None, d])
 
     decode = _decoder(h, w, c)
 
