@@ -161,6 +161,15 @@ def _ints_ge(lo):
     return check
 
 
+def _nonempty_ints_ge(lo):
+    def check(v):
+        if not v:
+            return f"must be a non-empty list of integers >= {lo}"
+        return _ints_ge(lo)(v)
+
+    return check
+
+
 def _increasing_ints(v):
     msg = _ints_ge(1)(v)
     if msg:
@@ -209,7 +218,11 @@ SCHEMA = {
             doc="none | flip | crop | crop_flip | {crop, crop_scale, flip}",
         ),
         "eval_max_per_class": Field(
-            int, None, _ge(1), nullable=True, doc="cap per class at eval"
+            int,
+            None,
+            _ge(2),
+            nullable=True,
+            doc="cap per class at eval (>= 2: a query needs a positive)",
         ),
     },
     "model": {
@@ -284,7 +297,7 @@ SCHEMA = {
             "map@r",
             doc="validation metric for best_encoder.keras (without val_)",
         ),
-        "recall_at": Field(list, [1, 2, 4, 8], _ints_ge(1)),
+        "recall_at": Field(list, [1, 2, 4, 8], _nonempty_ints_ge(1)),
         "index": Field(str, "bruteforce", _choice("bruteforce", "scann")),
         "batch_size": Field(int, 128, _ge(1)),
         "plots": Field(bool, True),
@@ -370,6 +383,15 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _not_a_mapping(raw):
+    return ConfigError(
+        "config",
+        "the top level must be a mapping of sections "
+        f"({', '.join(SECTIONS)}); received a {type(raw).__name__}: "
+        f"{raw!r:.80}",
+    )
+
+
 def resolve(raw):
     """Merges ``raw`` over the defaults and checks keys, types and values.
 
@@ -382,7 +404,7 @@ def resolve(raw):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError("config", f"must be a mapping; received {raw!r}")
+        raise _not_a_mapping(raw)
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(
@@ -495,6 +517,8 @@ def apply_overrides(raw, overrides):
     A registry section can be replaced as a whole (``--set loss=TripletLoss``)
     or key by key (``--set loss.margin=0.2``).
     """
+    if raw is not None and not isinstance(raw, dict):
+        raise _not_a_mapping(raw)
     raw = copy.deepcopy(raw) if raw else {}
     for text in overrides or ():
         path, value = parse_override(text)
@@ -547,5 +571,11 @@ def load(path=None, overrides=(), text=None):
                 text = f.read()
         except OSError as e:
             raise ConfigError("--config", f"cannot read {path!r}: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                "--config",
+                f"{path!r} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                f"at offset {e.start}); save the file as UTF-8",
+            ) from None
     raw = parse_yaml(text, source=str(path or "<string>"))
     return resolve(apply_overrides(raw, overrides))

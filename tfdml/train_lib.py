@@ -228,8 +228,10 @@ class Data:
             self.source = data_lib.source_from_config(
                 dict(d), self.image_size, self.channels
             )
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as e:
-            raise ConfigError(_spec_key("data", d, str(e)), str(e)) from None
+            raise _data_error(d, e) from None
         try:
             self.splits = data_lib.split_classes(
                 self.source.labels,
@@ -239,23 +241,27 @@ class Data:
             )
             data_lib.make_augmentation(d["augmentation"])
         except ValueError as e:
-            raise ConfigError(_spec_key("data", d, str(e)), str(e)) from None
+            raise _data_error(d, e) from None
         self.num_train_classes = len(self.splits["train"])
-        labels = np.asarray(self.source.labels)
-        remap = np.full(int(labels.max()) + 1, -1, np.int32)
-        remap[np.asarray(self.splits["train"])] = np.arange(
-            self.num_train_classes, dtype=np.int32
-        )
-        self._remap = remap
+        # Sorted training class ids; a label's rank among them is its
+        # training id (no table sized by the largest id).
+        self._train_ids = np.asarray(self.splits["train"], np.int64)
 
     def _train_labels(self, ds):
         import tensorflow as tf
 
-        table = tf.constant(self._remap)
-        return ds.map(
-            lambda x, y: (x, tf.gather(table, tf.cast(y, tf.int32))),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+        ids = tf.constant(self._train_ids)
+        last = len(self._train_ids) - 1
+
+        def remap(x, y):
+            y = tf.cast(y, tf.int64)
+            flat = tf.reshape(y, [-1])
+            pos = tf.minimum(tf.searchsorted(ids, flat), last)
+            known = tf.equal(tf.gather(ids, pos), flat)
+            out = tf.where(known, tf.cast(pos, tf.int32), -1)
+            return x, tf.reshape(out, tf.shape(y))
+
+        return ds.map(remap, num_parallel_calls=tf.data.AUTOTUNE)
 
     def train_batches(
         self, seed, classes_per_batch=None, samples_per_class=None
@@ -336,8 +342,56 @@ class Data:
         return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
+def _data_error(d, e):
+    """A data ValueError -> ConfigError naming ``data.<key>``: the key the
+    message starts with (``"data.path ..."``), else the first it names."""
+    msg = str(e)
+    head = msg.split(" ", 1)[0].rstrip(":")
+    if head.startswith("data.") and head[5:].isidentifier():
+        return ConfigError(head, msg[len(head) :].lstrip(": "))
+    return ConfigError(_spec_key("data", d, msg), msg)
+
+
+def _data_key(cfg):
+    """The data key that names the data set itself."""
+    d = cfg["data"]
+    if d["source"] == "synthetic":
+        return "data.examples_per_class"
+    if d.get("path") or d["source"] in ("folder", "npz"):
+        return "data.path"
+    return "data.name"
+
+
+def check_class_sizes(cfg, data):
+    """Every class of every split has >= 2 images (a positive to sample
+    and to retrieve), counted after ``data.eval_max_per_class``.
+
+    Raises:
+      ConfigError: naming the data set's key, the split and the classes.
+    """
+    labels = np.asarray(data.source.labels)
+    ids, counts = np.unique(labels, return_counts=True)
+    cap = cfg["data"]["eval_max_per_class"]
+    for split in ("train", "val", "test"):
+        classes = np.asarray(data.splits[split])
+        n = counts[np.searchsorted(ids, classes)]
+        if split != "train" and cap is not None:
+            n = np.minimum(n, cap)
+        small = classes[n < 2]
+        if len(small):
+            shown = ", ".join(str(int(c)) for c in small[:10])
+            more = f" (and {len(small) - 10} more)" if len(small) > 10 else ""
+            raise ConfigError(
+                _data_key(cfg),
+                f"{len(small)} class(es) of the {split} split have fewer "
+                f"than 2 images: {shown}{more}; every class needs at least "
+                "2 (a positive pair). Remove them or add images.",
+            )
+
+
 def check_data(cfg, data):
-    """Batch-shape checks against the actual class counts."""
+    """Batch-shape and class-size checks against the actual data."""
+    check_class_sizes(cfg, data)
     p = cfg["data"]["classes_per_batch"]
     n = data.num_train_classes
     if p > n:
@@ -399,6 +453,8 @@ def validate_objects(cfg):
         [models.build_embedding_model],
         reserved=("input_shape", "num_classes"),
     )[0]
+    _validate_encoder_kwargs(cfg, built.encoder_kwargs)
+    _validate_monitor(cfg)
     mem = cfg["memory"]
     if mem["size"] > 0:
         from tfdml.memory import CrossBatchMemory
@@ -457,6 +513,63 @@ def validate_objects(cfg):
             "augment", "augment options given but augment.method is none"
         )
     return built
+
+
+def _validate_encoder_kwargs(cfg, kwargs):
+    """The encoder's values that its constructor would reject only when the
+    model is built (after the run folder is prepared)."""
+    from tfdml.models import embedding
+    from tfdml.validation import check_int
+
+    if "embedding_dim" in kwargs:
+        try:
+            check_int("embedding_dim", kwargs["embedding_dim"], minimum=1)
+        except ValueError as e:
+            raise ConfigError("model.embedding_dim", str(e)) from None
+    for key, options in (
+        ("backbone", embedding.BACKBONES),
+        ("pooling", embedding.POOLINGS),
+    ):
+        if key in kwargs and kwargs[key] not in options:
+            raise ConfigError(
+                f"model.{key}",
+                f"must be one of {list(options)}; received {kwargs[key]!r}",
+            )
+    backbone = kwargs.get("backbone", "small_cnn")
+    app = getattr(embedding, "_APPLICATIONS", {}).get(backbone)
+    size = cfg["model"]["image_size"]
+    if app is not None and size < app[-1]:
+        raise ConfigError(
+            "model.image_size",
+            f"backbone {backbone!r} needs inputs of at least "
+            f"{app[-1]}x{app[-1]}; received {size}",
+        )
+
+
+def monitor_metrics(cfg):
+    """The ``val_*`` metric names the validation callback produces
+    (without ``val_``): what :func:`tfdml.eval.retrieval_metrics` returns
+    for ``eval.recall_at``, counts excluded."""
+    from tfdml.eval import metrics_from_ranks
+
+    produced = metrics_from_ranks(
+        np.zeros((0, 1)), np.zeros(0), cfg["eval"]["recall_at"]
+    )
+    return [k for k, v in produced.items() if isinstance(v, float)]
+
+
+def _validate_monitor(cfg):
+    monitor = cfg["eval"]["monitor"]
+    names = monitor_metrics(cfg)
+    if monitor not in names:
+        hint = ""
+        if monitor.startswith("val_") and monitor[4:] in names:
+            hint = f" (without the val_ prefix: {monitor[4:]!r})"
+        raise ConfigError(
+            "eval.monitor",
+            f"{monitor!r} is not a validation metric{hint}; expected one of "
+            f"{names} (recall@K for K in eval.recall_at)",
+        )
 
 
 def _iaa_kwargs(cfg):

@@ -7,6 +7,7 @@ example indices, either one at a time (:meth:`Source.load`) or as a
 """
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -32,8 +33,30 @@ MAX_CONSTANT_BYTES = 1 << 30
 # TFDS images of a fixed shape are decoded into one array up to this size.
 MAX_DECODED_BYTES = 3 << 30
 
+# Label ids above this are remapped to 0..C-1 (the pipelines, the losses and
+# the class tables hold int32 ids).
+MAX_LABEL_ID = int(np.iinfo(np.int32).max) - 1
+
 # Default label keys of TFDS data sets whose label is not called "label".
 TFDS_LABEL_KEYS = {"stanford_online_products": "class_id"}
+
+
+def dense_label_ids(labels, class_names=None):
+    """``(int64 labels, class_names, label_ids)`` with ids that fit int32.
+
+    Labels up to :data:`MAX_LABEL_ID` are kept as they are (``label_ids`` is
+    None). Larger ids (e.g. 1e11-scale product ids) are replaced by their
+    rank among the distinct ids (``np.unique``), so no table is ever sized
+    by the largest id; ``label_ids[new_id]`` is the original id and, when no
+    ``class_names`` are given, ``class_names[new_id]`` is its string.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    if not len(labels) or labels.max() <= MAX_LABEL_ID:
+        return labels, class_names, None
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if class_names is None:
+        class_names = [str(int(i)) for i in ids]
+    return inverse.astype(np.int64).reshape(-1), class_names, ids
 
 
 def _as_hwc(image, what="image"):
@@ -112,9 +135,13 @@ class ArraySource(Source):
     Args:
       images: uint8 ``[N, H, W]`` or ``[N, H, W, C]`` (C in 1, 3, 4), or a
         list of uint8 ``[H, W(, C)]`` arrays of different sizes.
-      labels: int ``[N]``.
+      labels: int ``[N]``, >= 0. Ids above :data:`MAX_LABEL_ID` are
+        remapped to ``0..C-1`` in sorted order (``label_ids`` holds the
+        originals), see :func:`dense_label_ids`.
       class_names: optional list, label id -> name.
     """
+
+    label_ids = None
 
     def __init__(self, images, labels, class_names=None):
         labels = np.asarray(labels)
@@ -149,8 +176,9 @@ class ArraySource(Source):
         if len(labels) and labels.min() < 0:
             raise ValueError(f"labels must be >= 0; received {labels.min()}")
         self.images = images
-        self.labels = labels.astype(np.int64)
-        self.class_names = class_names
+        self.labels, self.class_names, self.label_ids = dense_label_ids(
+            labels, class_names
+        )
 
     def load(self, index):
         return np.asarray(self.images[index])
@@ -192,15 +220,43 @@ class NpzSource(ArraySource):
     def __init__(self, path):
         if not os.path.isfile(path):
             raise ValueError(f"data.path: no such .npz file {path!r}")
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("X", "y") if k not in z.files]
-            if missing:
-                raise ValueError(
-                    f"data.path {path!r}: missing array(s) {missing}; "
-                    f"found {sorted(z.files)}"
-                )
-            x, y = z["X"], z["y"]
-        super().__init__(x, y)
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"data.path {path!r}: not an .npz file (a zip archive of "
+                "arrays, as np.savez writes it, with uint8 images X and "
+                "integer labels y)"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("X", "y") if k not in z.files]
+                if missing:
+                    raise ValueError(
+                        f"data.path {path!r}: missing array(s) {missing}; "
+                        f"found {sorted(z.files)}"
+                    )
+                arrays = {}
+                for key in ("X", "y"):
+                    try:
+                        arrays[key] = z[key]
+                    except ValueError as e:
+                        what = f"cannot be read ({e})"
+                        if "pickle" in str(e):
+                            what = (
+                                "holds Python objects (dtype object), which "
+                                "are not loaded"
+                            )
+                        raise ValueError(
+                            f"data.path {path!r}: array {key!r} {what}; "
+                            "save X as uint8 images and y as integer labels"
+                        ) from None
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(
+                f"data.path {path!r}: cannot read the .npz file: {e}"
+            ) from None
+        try:
+            super().__init__(arrays["X"], arrays["y"])
+        except ValueError as e:
+            raise ValueError(f"data.path {path!r}: {e}") from None
         self.path = path
 
 
@@ -365,7 +421,7 @@ class TfdsSource(Source):
         self.label_key = label_key
         encoded, labels = self._read(tfds, builder, split)
         self.encoded = np.asarray(encoded, dtype=object)
-        self.labels = np.asarray(labels, np.int64)
+        self.labels, _, self.label_ids = dense_label_ids(labels)
         self.images = None
         shape = getattr(features[image_key], "shape", None)
         if (
@@ -376,7 +432,10 @@ class TfdsSource(Source):
         ):
             self.images = self._decode_all(shape)
         names = getattr(features[label_key], "names", None)
-        self.class_names = list(names) if names else None
+        if names:
+            self.class_names = list(names)
+        elif self.label_ids is not None:
+            self.class_names = [str(int(i)) for i in self.label_ids]
 
     def _read(self, tfds, builder, split):
         import tensorflow as tf
