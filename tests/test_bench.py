@@ -96,9 +96,13 @@ def test_every_method_config_shares_backbone_budget_optimizer(tmp_path):
         )
         assert cfg["loss"]["name"]
     assert seen == {("small_cnn", 16, 4, "adam", 1e-3, 4, 2)}
-    assert bench.make_config(args, "osm_caa", 0, "x")["model"][
+    assert bench.make_config(args, "osm_caa_ce", 0, "x")["model"][
         "classification_head"
     ]
+    assert not bench.make_config(args, "osm_caa", 0, "x")["model"][
+        "classification_head"
+    ]
+    assert bench.make_config(args, "osm", 0, "x")["loss"]["use_caa"] is False
     assert bench.make_config(args, "xbm_contrastive", 0, "x")["memory"]["size"]
 
 
@@ -128,13 +132,19 @@ def test_summary_table_and_verdicts():
     }
     summary = bench.summarize(raw)
     mean, std = summary["contrastive"]["map@r"]
-    assert mean == pytest.approx(0.3) and std == pytest.approx(0.1)
+    # sample std (ddof 1)
+    assert mean == pytest.approx(0.3) and std == pytest.approx(0.1 * 2**0.5)
     table = bench.markdown_table(summary)
-    assert "| contrastive | 2 | 30.0 ± 10.0 |" in table
+    assert "| contrastive | 2 | 30.0 ± 14.1 |" in table
     assert "| IAA + contrastive | 1 | 90.0 ± 0.0 |" in table
     text = "\n".join(bench.comparisons(summary))
-    assert "XBM + contrastive (40.0 ± 5.0) does NOT clearly beat" in text
-    assert "IAA + contrastive (90.0 ± 0.0) beats" in text
+    # 2 std of the difference: 2 * hypot(14.1, 7.1) = 31.6
+    assert (
+        "XBM + contrastive (40.0 ± 7.1) vs its base contrastive (30.0 ± "
+        "14.1): no clear gain (within 2 std), MAP@R +10.0 (2 std = 31.6)."
+    ) in text
+    assert "IAA + contrastive (90.0 ± 0.0) vs its base" in text
+    assert "GAIN (> 2 std), MAP@R +60.0 (2 std = 28.3)" in text
 
 
 def test_raw_pixel_row_matches_numpy_nearest_neighbour(tmp_path):

@@ -72,6 +72,14 @@ _MS = {
 _CONTRASTIVE = {"name": "ContrastiveLoss", "form": "similarity"}
 # XBM's contrastive (Wang et al. 2020): positives to 1, negatives below 0.5.
 _CONTRASTIVE_XBM = {**_CONTRASTIVE, "pos_margin": 1.0, "neg_margin": 0.5}
+_OSM = {
+    "name": "WeightedContrastiveLoss",
+    "margin": 1.2,
+    "sigma": 0.8,
+    "lambda_": 0.5,
+    "caa_mu": 1.0,
+    "caa_sigma": 0.68,
+}
 _TRIPLET = {"name": "TripletMarginLoss", "margin": 0.2, "mining": "semi-hard"}
 
 # name -> (label, base row for "does it beat its base", config sections).
@@ -117,19 +125,23 @@ METHODS = {
             },
         },
     ),
+    # OSM + CAA, each part on its own: the OSM loss alone, with CAA, and
+    # the official code's extra softmax cross-entropy head (weight 1).
+    "osm": (
+        "OSM alone (no CAA, no CE head)",
+        "contrastive",
+        {"loss": {**_OSM, "use_caa": False}},
+    ),
     "osm_caa": (
         "OSM + CAA",
-        "contrastive",
+        "osm",
+        {"loss": {**_OSM, "use_caa": True}},
+    ),
+    "osm_caa_ce": (
+        "OSM + CAA + CE head (weight 1)",
+        "osm_caa",
         {
-            "loss": {
-                "name": "WeightedContrastiveLoss",
-                "margin": 1.2,
-                "sigma": 0.8,
-                "lambda_": 0.5,
-                "caa_mu": 1.0,
-                "caa_sigma": 0.68,
-                "use_caa": True,
-            },
+            "loss": {**_OSM, "use_caa": True},
             "model": {"classification_head": True},
             "train": {"classification_loss_weight": 1.0},
         },
@@ -363,7 +375,8 @@ def summarize(raw):
         out[method] = {
             k: (
                 float(np.mean([r[k] for r in ok])),
-                float(np.std([r[k] for r in ok])),
+                # sample std (ddof 1): few seeds; 0 for a single seed
+                float(np.std([r[k] for r in ok], ddof=1 if len(ok) > 1 else 0)),
             )
             for k in METRICS
         }
@@ -397,16 +410,19 @@ def comparisons(summary):
             continue
         m, s = stats["map@r"]
         bm, bs = summary[base]["map@r"]
-        if m - s > bm + bs:
-            verdict = "beats"
-        elif m + s < bm - bs:
-            verdict = "is worse than"
+        # std of the difference of two independent seed means' samples
+        sd = float(np.hypot(s, bs))
+        gain = m - bm
+        if gain > 2 * sd:
+            verdict = "GAIN (> 2 std)"
+        elif gain < -2 * sd:
+            verdict = "LOSS (> 2 std)"
         else:
-            verdict = "does NOT clearly beat (within one std)"
+            verdict = "no clear gain (within 2 std)"
         out.append(
-            f"* {METHODS[method][0]} ({100 * m:.1f} ± {100 * s:.1f}) "
-            f"{verdict} its base {METHODS[base][0]} "
-            f"({100 * bm:.1f} ± {100 * bs:.1f}) on MAP@R."
+            f"* {METHODS[method][0]} ({100 * m:.1f} ± {100 * s:.1f}) vs its "
+            f"base {METHODS[base][0]} ({100 * bm:.1f} ± {100 * bs:.1f}): "
+            f"{verdict}, MAP@R {100 * gain:+.1f} (2 std = {200 * sd:.1f})."
         )
     return out
 
