@@ -281,6 +281,14 @@ SCHEMA = {
         ),
         "keep_checkpoints": Field(int, 2, _ge(1)),
         "classification_loss_weight": Field(float, 0.0, _ge(0.0)),
+        "classification_loss": Field(
+            str,
+            "sparse_ce",
+            _choice("sparse_ce", "gaussian_weighted"),
+            doc="loss of the classification head: sparse_ce, or "
+            "gaussian_weighted (official OSM + CAA: CE with sample weights "
+            "N(p; 0.5, 0.18) of the true-class probability)",
+        ),
         "verbose": Field(int, 1, _choice(0, 1, 2)),
         "debug_inject_nan_at_step": Field(
             int,

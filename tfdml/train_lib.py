@@ -1355,7 +1355,11 @@ def build_model(cfg, built, strategy=None):
         parts.describe["mmsi_dictionary"] = dictionary
     else:
         parts.model = _construct(
-            "model", models.DMLModel, encoder=parts.encoder, **common
+            "model",
+            models.DMLModel,
+            encoder=parts.encoder,
+            classification_loss=cfg["train"]["classification_loss"],
+            **common,
         )
     return parts
 

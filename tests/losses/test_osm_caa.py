@@ -344,3 +344,147 @@ def test_bad_inputs():
         WeightedContrastiveLoss()(labels, emb)
     with pytest.raises(ValueError, match="embeddings"):
         WeightedContrastiveLoss()(labels, {"logits": emb})
+
+
+# -- the official Gaussian-weighted cross-entropy (WeightedSoftmaxWithLoss) --
+
+
+def gaussian_ce_reference(labels, logits, sample_weight=None, mu=0.5, s=0.18):
+    """NumPy float64, literally: u_i = N(p_i; mu, s) of the true-class
+    softmax probability (constant), L1-normalised over the batch (times the
+    sample weights), loss = -sum_i u_i log p_i; and d loss / d logits."""
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels)
+    z = z - z.max(axis=1, keepdims=True)
+    soft = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    n = len(y)
+    p = soft[np.arange(n), y]
+    u = np.exp(-((p - mu) ** 2) / (2 * s * s)) / (s * np.sqrt(2 * np.pi))
+    if sample_weight is not None:
+        u = u * np.asarray(sample_weight, np.float64)
+    u = u / max(u.sum(), 1e-12)
+    loss = -(u * np.log(p)).sum()
+    onehot = np.zeros_like(soft)
+    onehot[np.arange(n), y] = 1.0
+    grad = u[:, None] * (soft - onehot)
+    return loss, grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gaussian_weighted_ce_matches_reference(seed, weighted):
+    from tfdml.losses.osm_caa import gaussian_weighted_cross_entropy
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(12, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, 12).astype(np.int32)
+    sw = rng.uniform(0.2, 1.0, 12).astype(np.float32) if weighted else None
+    want, want_grad = gaussian_ce_reference(labels, logits, sw)
+    z = tf.constant(logits)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        got = gaussian_weighted_cross_entropy(labels, z, sample_weight=sw)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        tape.gradient(got, z).numpy(), want_grad, rtol=1e-4, atol=1e-7
+    )
+    # other Gaussian parameters
+    want2, _ = gaussian_ce_reference(labels, logits, sw, mu=1.0, s=0.68)
+    got2 = gaussian_weighted_cross_entropy(
+        labels, z, sample_weight=sw, mu=1.0, sigma=0.68
+    )
+    np.testing.assert_allclose(float(got2), want2, rtol=1e-5)
+
+
+def test_gaussian_weighted_ce_down_weights_confident_and_hopeless():
+    from tfdml.losses.osm_caa import gaussian_weighted_cross_entropy
+
+    # p = 0.5 gets the largest weight; p near 0 and near 1 little
+    logits = np.log(
+        np.array([[0.5, 0.5], [0.98, 0.02], [0.02, 0.98]], np.float32)
+    )
+    labels = np.zeros(3, np.int32)
+    want, grad = gaussian_ce_reference(labels, logits)
+    got = gaussian_weighted_cross_entropy(labels, logits)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert np.abs(grad[0]).sum() > 10 * np.abs(grad[1:]).sum()
+
+
+def _head_encoder(classes=4, d=6):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="tanh")(inp)
+    raw = keras.layers.Dense(d)(h)
+    emb = keras.layers.UnitNormalization()(raw)
+    logits = keras.layers.Dense(classes)(h)
+    return keras.Model(inp, {"embeddings": emb, "raw": raw, "logits": logits})
+
+
+def test_dml_model_classification_loss_switch():
+    from tfdml.models import DMLModel
+
+    enc = _head_encoder()
+    x, labels = make_batch(3, classes=4, per_class=3, dim=6)
+    logits = enc(x)["logits"].numpy()
+    plain = DMLModel(enc, classification_loss_weight=1.0)
+    gauss = DMLModel(
+        enc,
+        classification_loss_weight=1.0,
+        classification_loss="gaussian_weighted",
+    )
+    batch = {"labels": tf.constant(labels), "logits": tf.constant(logits)}
+    want, _ = gaussian_ce_reference(labels, logits)
+    np.testing.assert_allclose(
+        float(gauss.classification_loss(batch)), want, rtol=1e-5
+    )
+    ce = keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True
+    )
+    np.testing.assert_allclose(
+        float(plain.classification_loss(batch)), float(np.mean(ce)), rtol=1e-5
+    )
+    assert gauss.get_config()["classification_loss"] == "gaussian_weighted"
+    with pytest.raises(ValueError, match="classification_loss"):
+        DMLModel(enc, classification_loss="focal")
+    # the switch trains end to end with the OSM + CAA loss
+    gauss.compile(keras.optimizers.SGD(0.1), loss=WeightedContrastiveLoss())
+    hist = gauss.fit(x, labels, batch_size=12, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(hist["classification_loss"]))
+
+
+def test_osm_caa_configs_isolate_each_part():
+    import glob
+    import os
+
+    from tfdml import config as config_lib
+    from tfdml import train_lib
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    rows = {}
+    for path in sorted(
+        glob.glob(os.path.join(root, "configs", "osm_caa*.yaml"))
+    ):
+        cfg = config_lib.load(path)
+        train_lib.validate_objects(cfg)
+        rows[os.path.basename(path)] = (
+            cfg["loss"].get("use_caa", True),
+            cfg["train"]["classification_loss_weight"],
+            cfg["train"]["classification_loss"],
+            cfg["model"]["classification_head"],
+        )
+    for ds in ("cjk", "cub", "cars", "sop"):
+        # the default OSM + CAA row: no CE gradient on the backbone
+        assert rows[f"osm_caa_{ds}.yaml"][:2] == (True, 0.0), rows
+    assert rows["osm_caa_osm_alone_cjk.yaml"] == (
+        False,
+        0.0,
+        "sparse_ce",
+        False,
+    )
+    assert rows["osm_caa_ce_cjk.yaml"] == (True, 1.0, "sparse_ce", True)
+    assert rows["osm_caa_gce_cjk.yaml"] == (
+        True,
+        1.0,
+        "gaussian_weighted",
+        True,
+    )

@@ -68,6 +68,7 @@ from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.weighting.osm_caa import CAAWeighting
 from tfdml.weighting.osm_caa import OSMWeighting
+from tfdml.weighting.osm_caa import gaussian_pdf
 
 
 def weighted_contrastive(
@@ -121,6 +122,41 @@ def weighted_contrastive(
         contrib = tf.math.divide_no_nan(contrib, pairs)
     batch = tf.cast(tf.shape(dist)[0], tf.float32)
     return batch * tf.reduce_sum(contrib, axis=1)
+
+
+def gaussian_weighted_cross_entropy(
+    labels, logits, sample_weight=None, mu=0.5, sigma=0.18
+):
+    """The official OSM + CAA classification loss (``WeightedSoftmaxWithLoss``).
+
+    Sample weights ``u_i = N(p_i; mu, sigma)`` (Gaussian pdf) of the softmax
+    probability of the true class, held constant (no gradient), times
+    ``sample_weight`` and L1-normalised over the batch; the loss is
+    ``-sum_i u_i log p_i``. The official CUB / Cars prototxt puts one on each
+    of its three classifier heads with ``mu = 0.5, sigma = 0.18``: samples
+    the head is unsure about (``p ~ 0.5``) get the most weight, confident
+    ones and hopeless ones (outliers) little.
+
+    Args:
+      labels: int ``[B]`` class ids in ``[0, C)``.
+      logits: ``[B, C]``.
+      sample_weight: optional ``[B]``.
+      mu, sigma: the Gaussian (official 0.5, 0.18).
+
+    Returns:
+      The scalar loss.
+    """
+    check_positive("sigma", sigma)
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    log_p = tf.gather(
+        tf.nn.log_softmax(logits, axis=-1), labels, axis=1, batch_dims=1
+    )
+    u = tf.stop_gradient(gaussian_pdf(tf.exp(log_p), float(mu), float(sigma)))
+    if sample_weight is not None:
+        u = u * tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+    u = u / tf.maximum(tf.reduce_sum(u), 1e-12)
+    return -tf.reduce_sum(u * log_p)
 
 
 @registry.register

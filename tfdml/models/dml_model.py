@@ -101,8 +101,11 @@ class DMLModel(keras.Model):
       memory: optional :class:`tfdml.memory.CrossBatchMemory`.
       augmenter: optional object with ``synthesize(...)`` (module
         docstring), e.g. IAA.
-      classification_loss_weight: weight of the sparse categorical
-        cross-entropy on ``"logits"`` (needs an encoder with a classifier).
+      classification_loss_weight: weight of the classification loss on
+        ``"logits"`` (needs an encoder with a classifier).
+      classification_loss: ``"sparse_ce"`` (default: sparse categorical
+        cross-entropy) or ``"gaussian_weighted"`` (the official OSM + CAA
+        head loss, ``tfdml.losses.osm_caa.gaussian_weighted_cross_entropy``).
       **kwargs: passed to ``keras.Model`` (``name``).
 
     Compile with a :class:`tfdml.losses.PairLoss` (an instance, a registered
@@ -124,6 +127,7 @@ class DMLModel(keras.Model):
         memory=None,
         augmenter=None,
         classification_loss_weight=0.0,
+        classification_loss="sparse_ce",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -155,6 +159,13 @@ class DMLModel(keras.Model):
         self.memory = memory
         self.augmenter = augmenter
         self.classification_loss_weight = float(classification_loss_weight)
+        if classification_loss not in CLASSIFICATION_LOSSES:
+            raise ValueError(
+                "`classification_loss` must be one of "
+                f"{list(CLASSIFICATION_LOSSES)}; received "
+                f"classification_loss={classification_loss!r}."
+            )
+        self.classification_loss_name = classification_loss
         self._synth_args = None
         if augmenter is not None:
             self._synth_args = _accepted_args(augmenter.synthesize)
@@ -422,6 +433,12 @@ class DMLModel(keras.Model):
                 f"{self.classification_loss_weight} needs an encoder with a "
                 "'logits' output (build_embedding_model(num_classes=...))."
             )
+        if self.classification_loss_name == "gaussian_weighted":
+            from tfdml.losses.osm_caa import gaussian_weighted_cross_entropy
+
+            return gaussian_weighted_cross_entropy(
+                batch["labels"], batch["logits"], batch.get("sample_weight")
+            )
         ce = keras.losses.sparse_categorical_crossentropy(
             batch["labels"], batch["logits"], from_logits=True
         )
@@ -560,6 +577,7 @@ class DMLModel(keras.Model):
                 else None
             ),
             "classification_loss_weight": self.classification_loss_weight,
+            "classification_loss": self.classification_loss_name,
         }
         return config
 
@@ -570,6 +588,9 @@ class DMLModel(keras.Model):
             if isinstance(config.get(key), dict):
                 config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+CLASSIFICATION_LOSSES = ("sparse_ce", "gaussian_weighted")
 
 
 def _weighted_mean(values, sample_weight=None):
