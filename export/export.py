@@ -73,15 +73,31 @@ def load_gallery(gallery, cfg):
     import numpy as np
 
     if gallery:
-        with np.load(gallery, allow_pickle=False) as z:
+        try:
+            z = np.load(gallery, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"--gallery {gallery}: not a readable .npz file with arrays "
+                f"X, y[, ids] ({e})"
+            ) from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"--gallery {gallery}: expected an .npz file with arrays X, "
+                "y[, ids]; found a single array."
+            )
+        with z:
             for key in ("X", "y"):
                 if key not in z:
                     raise ValueError(
                         f"--gallery {gallery}: missing array {key!r}; found "
                         f"{sorted(z.files)}."
                     )
-            ids = z["ids"].astype(str) if "ids" in z else None
-            return z["X"], z["y"], ids
+            try:
+                x, y = z["X"], z["y"]
+                ids = z["ids"].astype(str) if "ids" in z else None
+            except ValueError as e:  # object arrays need pickle
+                raise ValueError(f"--gallery {gallery}: {e}") from None
+            return x, y, ids
     try:
         from tfdml.data import load_split_arrays
     except Exception as e:
@@ -98,19 +114,31 @@ def main(argv=None):
     from tfdml.export import saved_model
 
     encoder, cfg, (h, w, c) = load_run(args.run, args.encoder)
-    x, y, ids = load_gallery(args.gallery, cfg)
-    images = saved_model.images_to_float(x, h, w, c)
-    written = saved_model.export_saved_model(
-        encoder,
-        args.out,
-        gallery_images=images,
-        database_labels=y,
-        database_ids=ids,
-        index=args.index,
-        name=args.name,
-        version=args.version,
-        k=args.k,
-    )
+    try:  # a bad gallery: a message and exit 2, nothing written
+        x, y, ids = load_gallery(args.gallery, cfg)
+        where = f"--gallery {args.gallery}: " if args.gallery else ""
+        names = (
+            ("X", "y", "ids") if args.gallery else ("images", "labels", "ids")
+        )
+        try:
+            saved_model.validate_gallery(x, y, ids, names=names)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+        images = saved_model.images_to_float(x, h, w, c)
+        written = saved_model.export_saved_model(
+            encoder,
+            args.out,
+            gallery_images=images,
+            database_labels=y,
+            database_ids=ids,
+            index=args.index,
+            name=args.name,
+            version=args.version,
+            k=args.k,
+        )
+    except ValueError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     for variant, path in written.items():
         print(f"{variant}: {path}")
     return written

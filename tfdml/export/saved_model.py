@@ -68,6 +68,16 @@ def _embeddings_of(out):
     return out
 
 
+def _embedding_dim(encoder):
+    """The static size of the encoder's ``embeddings`` output, or None."""
+    try:
+        shape = _embeddings_of(encoder.output).shape
+    except Exception:
+        return None
+    d = shape[-1] if len(shape) else None
+    return None if d is None else int(d)
+
+
 def embed_images(encoder, images, batch_size=128):
     """Embeds float32 images [N, H, W, C] in [0, 1] in batches."""
     out = []
@@ -79,29 +89,178 @@ def embed_images(encoder, images, batch_size=128):
     return np.concatenate(out)
 
 
-def images_to_float(x, height, width, channels):
-    """uint8 [N, H, W] / [N, H, W, C] -> float32 [N, height, width, C]."""
+def _first(mask, limit=5):
+    """The first ``limit`` indices (along axis 0) where ``mask`` is true."""
+    rows = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
+    return rows[:limit].tolist()
+
+
+def _check_pixels(x, name="gallery"):
+    """``x`` as an array; ValueError for an empty, non-numeric, non-finite
+    or out-of-range batch of images ([N, H, W] or [N, H, W, C])."""
     x = np.asarray(x)
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{name}: images must be [N, H, W] or [N, H, W, C]; received "
+            "shape "
+            f"{x.shape}."
+        )
+    if len(x) == 0 or x.size == 0:
+        raise ValueError(
+            f"The gallery is empty: {name} has shape {x.shape}; give at "
+            "least one image."
+        )
+    if x.dtype == bool or not (
+        np.issubdtype(x.dtype, np.integer)
+        or np.issubdtype(x.dtype, np.floating)
+    ):
+        raise ValueError(
+            f"{name}: images must be uint8 (0..255) or float in [0, 1]; "
+            "received "
+            f"dtype {x.dtype}."
+        )
+    if np.issubdtype(x.dtype, np.integer):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"{name}: integer images must be in 0..255 (uint8); found "
+                "values in "
+                f"[{lo}, {hi}]."
+            )
+        return x
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(
+            f"{name}: NaN or Inf in {int(bad.sum())} pixel values (images "
+            f"{_first(bad)}...); every pixel must be finite."
+        )
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name}: float images must be in [0, 1]; found values in "
+            f"[{lo:g}, "
+            f"{hi:g}]. Pass uint8 images (0..255, scaled here), or scale "
+            "float images to [0, 1] (e.g. x / 255)."
+        )
+    return x
+
+
+def _check_labels(labels, n, name="database_labels"):
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D [N]; received shape {y.shape}.")
+    if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(
+            f"`{name}` (gallery labels) must be integers; received dtype "
+            f"{y.dtype}. Pass class ids as ints (string names go in the "
+            "ids)."
+        )
+    if len(y) != n:
+        raise ValueError(
+            f"`{name}` (gallery labels) have {len(y)} entries for {n} "
+            "gallery items; give exactly one label per item."
+        )
+    return y
+
+
+def _check_ids(ids, n, name="database_ids"):
+    a = np.asarray(ids)
+    if a.ndim != 1:
+        raise ValueError(
+            f"`{name}` (gallery ids) must be 1-D [N]; received shape {a.shape}."
+        )
+    if len(a) != n:
+        raise ValueError(
+            f"`{name}` (gallery ids) have {len(a)} entries for {n} gallery "
+            "items; give exactly one id per item."
+        )
+    return a.astype(str)
+
+
+def _check_database(database, d=None, name="database"):
+    """Gallery embeddings [N, d] as float32, finite, non-empty."""
+    try:
+        db = np.asarray(database, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"`{name}` must be a float [N, d] array of embeddings ({e})."
+        ) from None
+    if db.ndim != 2 or db.size == 0:
+        raise ValueError(
+            f"`{name}` must be a non-empty [N, d] array; received shape "
+            f"{db.shape}."
+        )
+    bad = ~np.isfinite(db)
+    if bad.any():
+        raise ValueError(
+            f"`{name}` embeddings contain NaN or Inf ({int(bad.sum())} "
+            f"values; rows {_first(bad)}...)."
+        )
+    if d is not None and db.shape[1] != d:
+        raise ValueError(
+            f"`{name}` embeddings have size {db.shape[1]}; the encoder "
+            f"outputs size {d}."
+        )
+    return db
+
+
+def validate_gallery(
+    images,
+    labels=None,
+    ids=None,
+    names=("gallery_images", "database_labels", "database_ids"),
+):
+    """Checks a gallery before anything is embedded or written.
+
+    Raises ValueError, naming the argument, for: an empty gallery; images
+    that are not ``[N, H, W]`` / ``[N, H, W, C]``; integer images outside
+    0..255; float images with NaN / Inf or outside ``[0, 1]`` (0..255
+    floats: pass uint8, or scale to [0, 1]); labels that are not integers
+    or not one per image; ids that are not one per image.
+
+    Args:
+      images: the gallery images, uint8 or float.
+      labels: optional ``[N]`` integer labels.
+      ids: optional ``[N]`` ids.
+      names: the names of images, labels and ids used in the messages.
+
+    Returns:
+      ``(images, labels, ids)`` as arrays (ids as str; None stays None).
+    """
+    images = _check_pixels(images, f"`{names[0]}`")
+    n = len(images)
+    if labels is not None:
+        labels = _check_labels(labels, n, names[1])
+    if ids is not None:
+        ids = _check_ids(ids, n, names[2])
+    return images, labels, ids
+
+
+def images_to_float(x, height, width, channels, name="gallery"):
+    """uint8 [N, H, W] / [N, H, W, C] (or float in [0, 1]) -> float32
+    [N, height, width, C] in [0, 1].
+
+    Raises ValueError for an empty batch, NaN / Inf, integers outside
+    0..255 or floats outside [0, 1] (see :func:`validate_gallery`).
+    """
+    x = _check_pixels(x, name)
     if x.ndim == 3:
         x = x[..., None]
-    if x.ndim != 4:
-        raise ValueError(
-            f"Gallery images must be [N, H, W] or [N, H, W, C]; received "
-            f"shape {x.shape}."
-        )
+    integer = np.issubdtype(x.dtype, np.integer)
     if x.shape[-1] != channels:
         if x.shape[-1] == 1 and channels == 3:
             x = np.repeat(x, 3, axis=-1)
         elif x.shape[-1] == 3 and channels == 1:
-            x = np.round(
-                x.astype(np.float32) @ np.array([0.2989, 0.587, 0.114])
-            )[..., None]
+            x = (x.astype(np.float32) @ np.array([0.2989, 0.587, 0.114]))[
+                ..., None
+            ]
+            if integer:
+                x = np.round(x)
         else:
             raise ValueError(
                 f"Gallery images have {x.shape[-1]} channels; the model "
                 f"needs {channels}."
             )
-    integer = np.issubdtype(x.dtype, np.integer)
     x = x.astype(np.float32)
     if integer:  # uint8 0..255 -> [0, 1]
         x = x / 255.0
@@ -385,7 +544,8 @@ def export_saved_model(
         ``encoder``), or None to embed ``gallery_images``.
       database_labels: optional ``[N]`` labels, used for the default ids.
       database_ids: optional ``[N]`` string ids.
-      gallery_images: ``[N, H, W, C]`` float32 in [0, 1] (if no database).
+      gallery_images: ``[N, H, W, C]`` float32 in [0, 1] or uint8 0..255
+        (if no database), converted with :func:`images_to_float`.
       index: ``"brute_force"``, ``"scann"`` or ``"both"``.
       name: model name (``<name>_scann`` for the ScaNN variant of "both").
       version: integer version folder.
@@ -395,6 +555,13 @@ def export_saved_model(
 
     Returns:
       ``{variant: path}`` of the written SavedModels.
+
+    Raises:
+      ValueError: before anything is embedded or written, for a bad
+        gallery (see :func:`validate_gallery`), ``database`` embeddings
+        that are empty, not finite or not the encoder's size, labels or
+        ids that are not one per item, or a bad ``index`` / ``version`` /
+        ``k``.
     """
     index = _ALIASES.get(index, index)
     if index not in INDEX_CHOICES:
@@ -403,25 +570,35 @@ def export_saved_model(
         )
     if int(version) < 1:
         raise ValueError(f"`version` must be >= 1; received {version}.")
+    # Every check runs before the gallery is embedded or anything written.
+    h, w, c = _encoder_geometry(encoder)
     if database is None:
         if gallery_images is None:
             raise ValueError("Give `database` or `gallery_images`.")
-        database = embed_images(encoder, gallery_images, batch_size)
-    database = np.asarray(database, np.float32)
-    if database.ndim != 2 or len(database) == 0:
-        raise ValueError(
-            f"`database` must be a non-empty [N, d] array; received shape "
-            f"{database.shape}."
+        gallery_images = images_to_float(
+            gallery_images, h, w, c, name="`gallery_images`"
         )
+        n = len(gallery_images)
+    else:
+        database = _check_database(database, _embedding_dim(encoder))
+        n = len(database)
+    if database_labels is not None:
+        database_labels = _check_labels(database_labels, n)
     ids = database_ids
+    if ids is not None:
+        ids = _check_ids(ids, n)
+    if not 1 <= int(k) <= n:
+        raise ValueError(f"`k` must be in [1, {n}]; received {k}.")
+    if database is None:
+        database = embed_images(encoder, gallery_images, batch_size)
+        bad = ~np.isfinite(database)
+        if bad.any():
+            raise ValueError(
+                "The encoder's embeddings of the gallery images contain NaN "
+                f"or Inf (images {_first(bad)}...); nothing was written."
+            )
     if ids is None:
-        ids = default_ids(len(database), database_labels)
-    ids = np.asarray(ids).astype(str)
-    if ids.shape != (len(database),):
-        raise ValueError(
-            f"`database_ids` must have shape [{len(database)}]; received "
-            f"{ids.shape}."
-        )
+        ids = default_ids(n, database_labels)
     variants = ["brute_force", "scann"] if index == "both" else [index]
     written = {}
     for v in variants:
