@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfdml import ops
 from tfdml.memory import ClassDictionary
 from tfdml.meta import MMSIModel
 from tfdml.meta import meta_dataset
 from tfdml.meta import validation_dataset
+from tfdml.meta.mmsi import shuffle_weights
 from tfdml.models import build_embedding_model
 
 
@@ -178,3 +180,102 @@ def test_validation_dataset_is_k1_of_distinct_classes():
         np.testing.assert_array_equal(labels[x.numpy()[:, 0].astype(int)], y)
         seen.update(x.numpy()[:, 0].astype(int).tolist())
     assert len(seen) > 15
+
+
+# -- control rows: "MMSI base with w = 1" and "random weights with MMSI's
+# sparsity" (weights_mode) --
+
+
+def _one_batch(k=3, classes=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(classes * k, 6)).astype("float32")
+    y = np.repeat(np.arange(classes), k).astype("int32")
+    return x, y
+
+
+@pytest.mark.parametrize("base", ["contrastive", "ms"])
+def test_weights_mode_ones_is_the_base_loss(base):
+    x, y = _one_batch()
+    model = MMSIModel(
+        dense_encoder(), base_loss=base, num_classes=4, weights_mode="ones"
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    # expected: one SGD step on the W-form with w = 1 on every selected pair
+    ref = dense_encoder()
+    loss = model.base_loss
+    with tf.GradientTape() as tape:
+        e = ref(x)["embeddings"]
+        sim = loss.similarity(e, e)
+        ids = tf.range(len(y), dtype=tf.int32)
+        pos, neg = ops.pair_masks(y, y, ids, ids)
+        sel = loss.select(sim, pos, neg)
+        ones = tf.cast(tf.logical_or(sel["pos"], sel["neg"]), tf.float32)
+        total = tf.reduce_mean(loss.weighted(sim, sel, ones))
+    grads = tape.gradient(total, ref.trainable_variables)
+    want = [
+        v.numpy() - 0.5 * g.numpy()
+        for v, g in zip(ref.trainable_variables, grads)
+    ]
+    val = tf.data.Dataset.from_tensors((x, y)).repeat()
+    data = meta_dataset(tf.data.Dataset.from_tensors((x, y)), val)
+    logs = model.fit(data, epochs=1, verbose=0).history
+    assert logs["weight_positive_fraction"][-1] == 1.0
+    assert logs["gate_open"][-1] == 1.0
+    for a, b in zip(model.encoder.trainable_variables, want):
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-5)
+
+
+def test_shuffle_weights_keeps_sparsity_per_polarity():
+    rng = np.random.default_rng(0)
+    pos = rng.uniform(size=(16, 16)) < 0.2
+    neg = (rng.uniform(size=(16, 16)) < 0.5) & ~pos
+    w = rng.uniform(size=(16, 16)) * (pos | neg)
+    w[rng.uniform(size=(16, 16)) < 0.4] = 0.0  # meta weights: many zeros
+    w = w.astype("float32")
+    sel = {"pos": tf.constant(pos), "neg": tf.constant(neg)}
+    got = shuffle_weights(tf.constant(w), sel, seed=(0, 7)).numpy()
+    for m in (pos, neg):
+        np.testing.assert_array_equal(np.sort(got[m]), np.sort(w[m]))
+        assert (got[m] == 0).sum() == (w[m] == 0).sum()
+    assert (got[~(pos | neg)] == 0).all()
+    assert not np.array_equal(got, w)
+    again = shuffle_weights(tf.constant(w), sel, seed=(0, 7)).numpy()
+    np.testing.assert_array_equal(again, got)
+    other = shuffle_weights(tf.constant(w), sel, seed=(0, 8)).numpy()
+    assert not np.array_equal(other, got)
+
+
+def test_weights_mode_random_sparse_matches_meta_sparsity():
+    logs = {}
+    weights = {}
+    for mode in ("meta", "random_sparse"):
+        model = MMSIModel(
+            dense_encoder(),
+            base_loss="contrastive",
+            num_classes=4,
+            d_size=2,
+            weights_mode=mode,
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        data = dense_data(steps=1)
+        logs[mode] = model.fit(data, epochs=1, verbose=0).history
+        weights[mode] = model.encoder.get_weights()
+    frac = logs["meta"]["weight_positive_fraction"][-1]
+    assert 0.0 < frac < 1.0
+    assert logs["random_sparse"]["weight_positive_fraction"][-1] == frac
+    assert (
+        max(
+            np.abs(a - b).max()
+            for a, b in zip(weights["meta"], weights["random_sparse"])
+        )
+        > 1e-6
+    )
+
+
+def test_weights_mode_argument_and_round_trip():
+    enc = dense_encoder()
+    with pytest.raises(ValueError, match="weights_mode"):
+        MMSIModel(enc, num_classes=4, weights_mode="uniform")
+    model = MMSIModel(enc, num_classes=4, weights_mode="random_sparse")
+    clone = MMSIModel.from_config(model.get_config())
+    assert clone.weights_mode == "random_sparse"

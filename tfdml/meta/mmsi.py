@@ -52,6 +52,7 @@ from tfdml.models.dml_model import DMLModel
 from tfdml.models.dml_model import scale_loss_for_distribution
 
 NORMALIZATIONS = ("joint", "separate")
+WEIGHTS_MODES = ("meta", "ones", "random_sparse")
 FALLBACKS = ("skip", "uniform", "zeros")
 PATHS = ("fast", "nested")
 
@@ -106,6 +107,49 @@ def normalize_weights(raw, sel, normalization="joint", fallback="skip"):
     if fallback == "zeros":
         return w, tf.constant(True)
     return w, defined
+
+
+def _permute_within(w_flat, mask_flat, key):
+    """Permutes the entries of ``w_flat`` under ``mask_flat`` among
+    themselves (random order from ``key``); other entries stay in place."""
+    big = tf.cast(tf.size(w_flat), tf.float32)
+    position = tf.cast(tf.range(tf.size(w_flat)), tf.float32)
+    # selected positions first, in place order / in random order; the
+    # unselected ones follow in the same (place) order in both
+    in_place = tf.argsort(tf.where(mask_flat, position, big + position))
+    shuffled = tf.argsort(tf.where(mask_flat, key, 2.0 + position))
+    values = tf.gather(w_flat, shuffled)
+    return tf.scatter_nd(in_place[:, None], values, tf.shape(w_flat))
+
+
+def shuffle_weights(w, sel, seed):
+    """The "random weights with MMSI's sparsity" control.
+
+    Permutes the weights of the selected positive pairs among themselves and
+    those of the selected negative pairs among themselves (stateless random
+    order from ``seed``, a pair of ints): the fraction of zeros and the
+    distribution of the weights of each polarity are exactly the meta
+    weights', but which pair gets which weight is chance.
+
+    Args:
+      w: ``[B, M]`` weights (zero outside the selection).
+      sel: the S-form selection (``pos`` / ``neg`` masks ``[B, M]``).
+      seed: shape ``[2]`` int seed of ``tf.random.stateless_uniform``.
+
+    Returns:
+      ``[B, M]`` permuted weights.
+    """
+    shape = tf.shape(w)
+    flat = tf.reshape(tf.cast(w, tf.float32), [-1])
+    key = tf.random.stateless_uniform(
+        tf.shape(flat), seed=tf.cast(seed, tf.int64)
+    )
+    out = tf.zeros_like(flat)
+    for name in ("pos", "neg"):
+        mask = tf.reshape(sel[name], [-1])
+        part = tf.where(mask, flat, 0.0)
+        out = out + tf.where(mask, _permute_within(part, mask, key), 0.0)
+    return tf.reshape(out, shape)
 
 
 def _similarity(base, e):
@@ -284,6 +328,14 @@ class MMSIModel(DMLModel):
       normalization: ``"joint"`` (official) or ``"separate"``.
       fallback: ``"skip"`` / ``"uniform"`` / ``"zeros"`` (see
         :func:`normalize_weights`).
+      weights_mode: the pair weights of the real step: ``"meta"`` (MMSI,
+        default); ``"ones"`` (control "MMSI base with w = 1": weight 1 on
+        every pair the S-form selects, no meta step; the dictionary and
+        ``meta_loss`` are still updated for comparison); ``"random_sparse"``
+        (control "random weights with MMSI's sparsity": the meta weights
+        permuted at random within each polarity, :func:`shuffle_weights`).
+      weights_seed: seed of the ``"random_sparse"`` permutation (with the
+        optimizer step, so every step draws anew and replicas agree).
       **kwargs: passed to :class:`DMLModel` (``name``;
         ``classification_loss_weight`` must stay 0).
 
@@ -319,6 +371,8 @@ class MMSIModel(DMLModel):
         path="fast",
         normalization="joint",
         fallback="skip",
+        weights_mode="meta",
+        weights_seed=0,
         **kwargs,
     ):
         if memory is not None or augmenter is not None:
@@ -340,6 +394,8 @@ class MMSIModel(DMLModel):
             "normalization", normalization, NORMALIZATIONS
         )
         self.fallback = _choice("fallback", fallback, FALLBACKS)
+        self.weights_mode = _choice("weights_mode", weights_mode, WEIGHTS_MODES)
+        self.weights_seed = int(weights_seed)
         if virtual_lr is None or not virtual_lr > 0:
             raise ValueError(
                 f"`virtual_lr` must be > 0; received virtual_lr={virtual_lr!r}."
@@ -435,11 +491,30 @@ class MMSIModel(DMLModel):
             w, applied = normalize_weights(
                 raw, sel, self.normalization, self.fallback
             )
+            w, applied = self._mode_weights(w, sel, applied)
             w = tf.stop_gradient(w)
             with tf.GradientTape() as tape:
                 tape.watch(tv)
                 out, _ = _embed(self.encoder, tv, ntv, x)
                 batch = self.forward(x, y, sample_weight, outputs=out)
+                loss, scaled = self._real_loss(batch, sel, w)
+        elif self.weights_mode == "ones":
+            out1, _ = _embed(self.encoder, tv, ntv, x)
+            feats = DMLModel._gather(tf.cast(out1["embeddings"], tf.float32))
+            labs = DMLModel._gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
+            self.dictionary.enqueue(tf.stop_gradient(feats), labs)
+            ref, ref_lab, valid = self.dictionary.entries()
+            out_v, _ = _embed(self.encoder, tv, ntv, x_val)
+            emb_v = DMLModel._gather(tf.cast(out_v["embeddings"], tf.float32))
+            y_v = DMLModel._gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
+            l_g = meta_loss(base, emb_v, y_v, ref, ref_lab, valid)
+            with tf.GradientTape() as tape:
+                tape.watch(tv)
+                out, new_ntv = _embed(self.encoder, tv, ntv, x)
+                batch = self.forward(x, y, sample_weight, outputs=out)
+                sim0 = _similarity(base, tf.stop_gradient(batch["embeddings"]))
+                sel = self._select(sim0, batch)
+                w, applied = self._mode_weights(None, sel, tf.constant(True))
                 loss, scaled = self._real_loss(batch, sel, w)
         else:
             # v = grad L_g needs this step's features in the dictionary
@@ -470,6 +545,7 @@ class MMSIModel(DMLModel):
                 w, applied = normalize_weights(
                     raw, sel, self.normalization, self.fallback
                 )
+                w, applied = self._mode_weights(w, sel, applied)
                 w = tf.stop_gradient(w)
                 loss, scaled = self._real_loss(batch, sel, w)
         grads = tape.gradient(
@@ -480,6 +556,18 @@ class MMSIModel(DMLModel):
         self._apply(grads, new_ntv, applied, replicas)
         self.apply_updates({"labels": batch["labels"]})
         return self._logs(loss, batch, sel, w, l_g, applied)
+
+    def _mode_weights(self, w, sel, applied):
+        """The real step's weights for ``weights_mode`` (from the meta
+        weights ``w``)."""
+        if self.weights_mode == "ones":
+            both = tf.logical_or(sel["pos"], sel["neg"])
+            return tf.cast(both, tf.float32), tf.constant(True)
+        if self.weights_mode == "random_sparse":
+            step = tf.cast(self.optimizer.iterations, tf.int64)
+            seed = tf.stack([tf.constant(self.weights_seed, tf.int64), step])
+            return shuffle_weights(w, sel, seed), applied
+        return w, applied
 
     def _select(self, sim, batch):
         pos, neg = ops.pair_masks(
@@ -554,6 +642,8 @@ class MMSIModel(DMLModel):
             path=self.meta_path,
             normalization=self.normalization,
             fallback=self.fallback,
+            weights_mode=self.weights_mode,
+            weights_seed=self.weights_seed,
         )
         return config
 
