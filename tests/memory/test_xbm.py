@@ -138,7 +138,7 @@ def test_labels_of_shape_b1_accepted():
 def test_variables_are_non_trainable_and_checkpointed(tmp_path):
     memory = CrossBatchMemory(6, 4)
     assert memory.trainable_variables == []
-    assert len(memory.non_trainable_variables) == 6
+    assert len(memory.non_trainable_variables) == 7
     for i in range(3):
         memory.enqueue(*stream(i, 4))
     ckpt = tf.train.Checkpoint(memory=memory)
@@ -233,3 +233,308 @@ def test_loss_with_memory_equals_loss_on_concatenation(fill_steps):
     if fill_steps:
         assert int(m_valid.sum()) == min((fill_steps + 1) * batch, size)
         assert np.abs(want).sum() > 0
+
+
+# --- memory_weight / memory_reduction (issue 13) ---------------------------
+
+POS_MARGIN, NEG_MARGIN = 1.0, 0.5  # XBM's contrastive (similarity form)
+
+
+def xbm_contrastive_reference(
+    emb, labels, ids, mem, mem_labels, mem_ids, mem_valid, weight, reduction
+):
+    """Float64, from the equations (official XBM + PML's AvgNonZero).
+
+    batch term  b_i = sum_{j in P_i^B} (1 - S_ij)_+
+                      + sum_{k in N_i^B} (S_ik - .5)_+
+    memory term m_i = the same sums over valid memory slots ("sum"), or
+                      mean over the non-zero positive pair losses + mean over
+                      the non-zero negative pair losses ("avg_nonzero")
+    loss_i = b_i + weight * m_i;  a reference with the anchor's id is skipped.
+    """
+    emb = np.asarray(emb, np.float64)
+    mem = np.asarray(mem, np.float64)
+    u = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    norms = np.linalg.norm(mem, axis=1, keepdims=True)
+    v = mem / np.where(norms > 0, norms, 1.0)
+    out = np.zeros(len(emb))
+    for i in range(len(emb)):
+        b = 0.0
+        for j in range(len(emb)):
+            if j == i:
+                continue
+            s = u[i] @ u[j]
+            if labels[j] == labels[i]:
+                b += max(0.0, POS_MARGIN - s)
+            else:
+                b += max(0.0, s - NEG_MARGIN)
+        pos, neg = [], []
+        for j in range(len(mem)):
+            if not mem_valid[j] or mem_ids[j] == ids[i]:
+                continue
+            s = u[i] @ v[j]
+            if mem_labels[j] == labels[i]:
+                pos.append(max(0.0, POS_MARGIN - s))
+            else:
+                neg.append(max(0.0, s - NEG_MARGIN))
+        if reduction == "sum":
+            m = sum(pos) + sum(neg)
+        else:
+            nz_p = [p for p in pos if p > 0]
+            nz_n = [n for n in neg if n > 0]
+            m = (sum(nz_p) / len(nz_p) if nz_p else 0.0) + (
+                sum(nz_n) / len(nz_n) if nz_n else 0.0
+            )
+        out[i] = b + weight * m
+    return out
+
+
+def numeric_grad(fn, x, eps=1e-6):
+    """Central differences of sum(fn(x)) in float64."""
+    x = np.asarray(x, np.float64)
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        hi, lo = x.copy(), x.copy()
+        hi[idx] += eps
+        lo[idx] -= eps
+        grad[idx] = (fn(hi).sum() - fn(lo).sum()) / (2 * eps)
+    return grad
+
+
+def xbm_fixture(memory, seed=5):
+    """A batch of 8 (4 classes x 2) and a memory holding 3 earlier batches,
+    one of them the anchors themselves (same ids), one empty slot region."""
+    rng = np.random.default_rng(seed)
+    dim = memory.dim
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int32)
+    ids = np.arange(8, dtype=np.int32) + 100
+    emb = rng.normal(size=(8, dim)).astype(np.float32)
+    for step in range(2):
+        past = rng.normal(size=(8, dim)).astype(np.float32)
+        # close to the anchors so that both polarities have active pairs
+        past = past * 0.6 + emb * (step + 1) * 0.5
+        memory.enqueue(past, rng.permutation(labels), np.arange(8) + 8 * step)
+    memory.enqueue(emb, labels, ids)
+    return emb, labels, ids
+
+
+def xbm_loss(memory, loss, emb, labels, ids):
+    m_emb, m_lab, m_ids, m_valid = memory.references()
+    return memory.per_anchor(
+        loss,
+        emb,
+        labels,
+        ids,
+        tf.concat([emb, m_emb], 0),
+        tf.concat([labels, m_lab], 0),
+        tf.concat([ids, m_ids], 0),
+        tf.concat([tf.ones([8], tf.bool), m_valid], 0),
+    )
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+@pytest.mark.parametrize("weight", [1.0, 1.0 / 32])
+@pytest.mark.parametrize("reduction", ["sum", "avg_nonzero"])
+def test_memory_weight_and_reduction_match_numpy(reduction, weight, mode):
+    from tfdml.losses import ContrastiveLoss
+
+    memory = CrossBatchMemory(
+        30, 6, memory_weight=weight, memory_reduction=reduction
+    )
+    emb0, labels, ids = xbm_fixture(memory)
+    loss = ContrastiveLoss(
+        form="similarity", pos_margin=POS_MARGIN, neg_margin=NEG_MARGIN
+    )
+    x = tf.Variable(emb0)
+
+    def step():
+        with tf.GradientTape() as tape:
+            per = xbm_loss(memory, loss, x, labels, ids)
+            total = tf.reduce_sum(per)
+        return per, tape.gradient(total, x)
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    per, grad = step()
+    m_emb, m_lab, m_ids, m_valid = (t.numpy() for t in memory.references())
+    assert 16 < m_valid.sum() < 30  # some empty slots stay invalid
+
+    def ref(e):
+        return xbm_contrastive_reference(
+            e, labels, ids, m_emb, m_lab, m_ids, m_valid, weight, reduction
+        )
+
+    want = ref(emb0)
+    np.testing.assert_allclose(per.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        grad.numpy(), numeric_grad(ref, emb0), rtol=1e-4, atol=1e-5
+    )
+    # the fixture exercises both terms
+    batch_only = xbm_contrastive_reference(
+        emb0, labels, ids, m_emb, m_lab, m_ids, m_valid, 0.0, reduction
+    )
+    assert np.all(want - batch_only > 0) if weight else True
+
+
+def test_sum_at_weight_one_equals_the_joint_loss():
+    """With a summed pair loss, "sum" (official) == one loss over batch +
+    memory ("joint", tfdml's behaviour before memory_reduction)."""
+    from tfdml.losses import ContrastiveLoss
+
+    loss = ContrastiveLoss(form="similarity", pos_margin=1.0, neg_margin=0.5)
+    out = []
+    for reduction in ("sum", "joint"):
+        memory = CrossBatchMemory(30, 6, memory_reduction=reduction)
+        emb, labels, ids = xbm_fixture(memory)
+        out.append(xbm_loss(memory, loss, emb, labels, ids).numpy())
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+
+
+def test_auto_reduction_per_loss():
+    """auto: avg_nonzero where the loss reduces over pairs, else joint
+    (sum when weighted); an explicit avg_nonzero on MS is an error."""
+    from tfdml.losses import ContrastiveLoss
+    from tfdml.losses import TripletMarginLoss
+
+    memory = CrossBatchMemory(8, 4)
+    assert memory.memory_reduction == "auto"
+    assert memory.memory_weight == 1.0
+    assert memory.resolve_reduction(ContrastiveLoss()) == "avg_nonzero"
+    assert memory.resolve_reduction(TripletMarginLoss()) == "avg_nonzero"
+    assert memory.resolve_reduction(MultiSimilarityLoss()) == "joint"
+    weighted = CrossBatchMemory(8, 4, memory_weight=0.5)
+    assert weighted.resolve_reduction(MultiSimilarityLoss()) == "sum"
+    strict = CrossBatchMemory(8, 4, memory_reduction="avg_nonzero")
+    with pytest.raises(ValueError, match="memory_reduction='sum'"):
+        strict.resolve_reduction(MultiSimilarityLoss())
+    from tests.models.test_dml_model import dense_encoder
+    from tfdml.models import DMLModel
+
+    model = DMLModel(dense_encoder(), memory=strict)
+    with pytest.raises(ValueError, match="avg_nonzero"):
+        model.compile(loss=MultiSimilarityLoss())
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        ({"memory_weight": -1.0}, "memory_weight"),
+        ({"memory_weight": float("nan")}, "memory_weight"),
+        ({"memory_reduction": "mean"}, "memory_reduction"),
+        ({"memory_reduction": "joint", "memory_weight": 0.5}, "memory_weight"),
+    ],
+)
+def test_bad_memory_loss_arguments_raise(kwargs, arg):
+    with pytest.raises(ValueError, match=f"`{arg}` must"):
+        CrossBatchMemory(8, 4, **kwargs)
+
+
+def test_memory_loss_config_roundtrip():
+    memory = CrossBatchMemory(
+        16, 8, memory_weight=0.125, memory_reduction="sum", name="xbm"
+    )
+    config = keras.saving.serialize_keras_object(memory)
+    clone = keras.saving.deserialize_keras_object(config)
+    assert (clone.memory_weight, clone.memory_reduction) == (0.125, "sum")
+    assert clone.get_config() == memory.get_config()
+
+
+def test_dml_model_step_uses_memory_weight_and_reduction():
+    """The train step's loss == the NumPy reference on the model's own
+    embeddings (SGD(0): the weights stay where they are)."""
+    from tests.models.test_dml_model import dense_encoder
+    from tfdml.losses import ContrastiveLoss
+    from tfdml.models import DMLModel
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int32)
+    memory = CrossBatchMemory(20, 6, memory_weight=0.25)
+    model = DMLModel(dense_encoder(), memory=memory)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=ContrastiveLoss(form="similarity", pos_margin=1.0, neg_margin=0.5),
+        jit_compile=True,
+    )
+    model.train_on_batch(x, y)
+    m_emb, m_lab, m_ids, m_valid = (t.numpy() for t in memory.references())
+    model.reset_metrics()
+    logs = model.train_on_batch(x[::-1], y, return_dict=True)
+    emb = model.encoder(x[::-1])["embeddings"].numpy()
+    want = xbm_contrastive_reference(
+        emb,
+        y,
+        np.arange(8, 16),
+        m_emb,
+        m_lab,
+        m_ids,
+        m_valid,
+        0.25,
+        "avg_nonzero",
+    ).mean()
+    np.testing.assert_allclose(logs["loss"], want, rtol=1e-5)
+
+
+# --- drift metric ------------------------------------------------------------
+
+
+def test_drift_matches_cosine_to_own_stored_copy():
+    rng = np.random.default_rng(2)
+    memory = CrossBatchMemory(10, 3)
+    stored = rng.normal(size=(6, 3)).astype(np.float32)
+    memory.enqueue(
+        stored, np.zeros(6, np.int32), np.arange(6), keys=[7, 8, 9, 10, 11, 7]
+    )
+    emb = rng.normal(size=(4, 3)).astype(np.float32)
+    keys = np.array([7, 11, 50, -1], np.int32)  # 7 is stored twice
+    mean, count = memory.drift(emb, keys)
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    pairs = [
+        cos(emb[0], stored[0]),
+        cos(emb[0], stored[5]),
+        cos(emb[1], stored[4]),
+    ]
+    np.testing.assert_allclose(mean.numpy(), np.mean(pairs), rtol=1e-6)
+    assert count.numpy() == 3
+    mean, count = memory.drift(emb[2:], keys[2:])
+    assert count.numpy() == 0 and mean.numpy() == 0.0
+
+
+def test_drift_metric_in_fit_history():
+    """``y = {"labels", "example_ids"}``: xbm_drift = mean cos between the
+    step's embeddings and the copies stored one step earlier."""
+    from tests.models.test_dml_model import dense_encoder
+    from tfdml.models import DMLModel
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int32)
+    keys = np.arange(8, dtype=np.int32) + 1000
+    model = DMLModel(dense_encoder(), memory=CrossBatchMemory(8, 6))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5), loss=MultiSimilarityLoss()
+    )
+    model.train_on_batch(x, {"labels": y, "example_ids": keys})
+    stored = model.memory.embeddings.numpy().copy()
+    np.testing.assert_array_equal(model.memory.keys.numpy(), keys)
+    now = model.encoder(x)["embeddings"].numpy()
+    model.reset_metrics()
+    logs = model.train_on_batch(
+        x, {"labels": y, "example_ids": keys}, return_dict=True
+    )
+    cos = np.sum(now * stored, 1) / (
+        np.linalg.norm(now, axis=1) * np.linalg.norm(stored, axis=1)
+    )
+    assert cos.mean() < 0.9999  # the step moved the embeddings
+    np.testing.assert_allclose(logs["xbm_drift"], cos.mean(), rtol=1e-5)
+    history = model.fit(
+        x,
+        {"labels": y, "example_ids": keys},
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+    )
+    assert len(history.history["xbm_drift"]) == 2

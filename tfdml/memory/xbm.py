@@ -21,15 +21,54 @@ given only the local batch, the other replicas' rows would be silently lost.
 
 ``start_after`` follows the official code's ``START_ITERATION``: during the
 first ``start_after`` steps the memory is neither filled nor read.
+
+How the memory enters the loss (``memory_weight`` ``w``, ``memory_reduction``;
+``L(refs)`` is the compiled pair loss per anchor against ``refs``):
+
+* ``"sum"``: ``L(batch) + w * L(memory)``, the official code's
+  ``criterion(f, y, f, y) + XBM.WEIGHT * criterion(f, y, xbm_f, xbm_y)``
+  (``engine/trainer.py``). For a summed pair loss (contrastive with
+  ``pair_reduction="sum"``, XBM's own) and ``w = 1`` this is exactly one loss
+  over ``batch + memory``.
+* ``"avg_nonzero"``: ``L(batch) + w * L'(memory)`` where ``L'`` is the same
+  loss with ``pair_reduction="avg_nonzero"``: for contrastive, the memory
+  positives and the memory negatives of an anchor are each averaged over
+  their non-zero pair losses (PML's ``CrossBatchMemory`` with its
+  ``AvgNonZeroReducer``, per anchor). Needs a loss with a ``pair_reduction``
+  that accepts ``"avg_nonzero"`` (``ContrastiveLoss``, ``TripletMarginLoss``).
+* ``"joint"``: one loss over ``batch + memory`` (tfdml before this option;
+  PML's arrangement for log-sum-exp losses such as multi-similarity);
+  ``w`` must be 1.
+* ``"auto"`` (default): ``"avg_nonzero"`` when the loss supports it, else
+  ``"joint"`` (``"sum"`` when ``w != 1``).
+
+Why the default averages: with a summed loss and ``M >> B`` an anchor has
+hundreds of active memory negatives against a handful of positives; their
+gradient dominates and the cheapest descent moves every embedding away from
+its (frozen) stored copy, so the memory goes stale faster than it fills
+(measured in ``docs/training_methods.md``). Averaging each polarity keeps the
+memory term the size of one batch term whatever ``M``. Log-sum-exp losses
+(multi-similarity, circle, lifted) already bound the total weight of an
+anchor's negatives, so ``"auto"`` leaves them joint.
+
+Drift (``drift``): given stable example keys (``DMLModel`` takes them from
+``y = {"labels": ..., "example_ids": ...}``), the memory stores them next to
+the rows and reports the mean cosine between a batch embedding and its own
+stored copies (``xbm_drift`` in the fit logs). XBM assumes this stays near 1.
 """
+
+import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tfdml import ops
 from tfdml import registry
 from tfdml.validation import check_int
 from tfdml.variables import state_variable
+
+MEMORY_REDUCTIONS = ("auto", "avg_nonzero", "sum", "joint")
 
 
 @registry.register
@@ -41,28 +80,59 @@ class CrossBatchMemory(keras.layers.Layer):
       dim: embedding dimension ``d``.
       start_after: number of initial training steps (enqueue calls) during
         which the memory stays empty and is not read (XBM's warm-up).
+      memory_weight: weight ``w`` of the memory term (the official
+        ``XBM.WEIGHT``, default 1): ``loss = L(batch) + w * L(memory)``.
+      memory_reduction: ``"auto"`` (default) | ``"avg_nonzero"`` | ``"sum"``
+        | ``"joint"``; how the memory term is reduced (module docstring).
       **kwargs: passed to ``keras.layers.Layer`` (``name``).
 
     Variables (all non-trainable): ``embeddings [M, d]`` float32,
-    ``labels [M]`` int32 (``-1`` when empty), ``ids [M]`` int32, ``pointer``
-    (next slot), ``filled`` (number of valid slots) and ``step`` (enqueue
-    calls so far).
+    ``labels [M]`` int32 (``-1`` when empty), ``ids [M]`` int32, ``keys [M]``
+    int32 (stable example keys for :meth:`drift`, ``-1`` when not given),
+    ``pointer`` (next slot), ``filled`` (number of valid slots) and ``step``
+    (enqueue calls so far).
 
     Example::
 
       memory = CrossBatchMemory(size=8192, dim=128, start_after=1000)
       model = DMLModel(encoder, memory=memory)
+      # the official weighting instead of the per-polarity average:
+      memory = CrossBatchMemory(8192, 128, memory_weight=1 / 32,
+                                memory_reduction="sum")
 
     Reference: Wang et al., CVPR 2020, Sec. 3.3 and Algorithm 1.
     """
 
-    def __init__(self, size, dim, start_after=0, **kwargs):
+    def __init__(
+        self,
+        size,
+        dim,
+        start_after=0,
+        memory_weight=1.0,
+        memory_reduction="auto",
+        **kwargs,
+    ):
         kwargs.pop("dtype", None)
         kwargs.pop("trainable", None)
         super().__init__(dtype="float32", trainable=False, **kwargs)
         self.size = check_int("size", size)
         self.dim = check_int("dim", dim)
         self.start_after = check_int("start_after", start_after, 0)
+        self.memory_weight = _check_weight(memory_weight)
+        if memory_reduction not in MEMORY_REDUCTIONS:
+            raise ValueError(
+                f"`memory_reduction` must be one of {list(MEMORY_REDUCTIONS)}"
+                f"; received memory_reduction={memory_reduction!r}."
+            )
+        if memory_reduction == "joint" and self.memory_weight != 1.0:
+            raise ValueError(
+                "`memory_weight` must be 1 with memory_reduction='joint' (one "
+                "loss over batch + memory has no separate memory term); use "
+                "'sum' or 'avg_nonzero'; received "
+                f"memory_weight={memory_weight!r}."
+            )
+        self.memory_reduction = memory_reduction
+        self._term_losses = {}
         self.embeddings = state_variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
@@ -70,6 +140,7 @@ class CrossBatchMemory(keras.layers.Layer):
             "labels", np.full((self.size,), -1, np.int32)
         )
         self.ids = state_variable("ids", np.full((self.size,), -1, np.int32))
+        self.keys = state_variable("keys", np.full((self.size,), -1, np.int32))
         self.pointer = state_variable("pointer", np.int32(0))
         self.filled = state_variable("filled", np.int32(0))
         self.step = state_variable("step", np.int32(0))
@@ -102,7 +173,163 @@ class CrossBatchMemory(keras.layers.Layer):
     def call(self, inputs=None):
         return self.references()
 
-    def enqueue(self, embeddings, labels, ids):
+    # -- the memory term of the loss ---------------------------------------
+    def resolve_reduction(self, loss):
+        """The reduction used with ``loss``: ``"avg_nonzero"``, ``"sum"`` or
+        ``"joint"`` (``"auto"`` resolved). Raises ``ValueError`` when
+        ``"avg_nonzero"`` is asked of a loss without per-pair reduction."""
+        mode = self.memory_reduction
+        if mode == "auto":
+            if self._averaged_loss(loss, strict=False) is not None:
+                return "avg_nonzero"
+            return "joint" if self.memory_weight == 1.0 else "sum"
+        if mode == "avg_nonzero":
+            self._averaged_loss(loss, strict=True)
+        return mode
+
+    def _averaged_loss(self, loss, strict):
+        """``loss`` with ``pair_reduction="avg_nonzero"`` (cached), or None
+        (``strict=False``) when the loss has no such reduction."""
+        cached = self._term_losses.get(id(loss))
+        if cached is not None and cached[0] is loss:
+            return cached[1]
+        config = loss.get_config()
+        clone = None
+        if config.get("pair_reduction") == "avg_nonzero":
+            clone = loss
+        elif "pair_reduction" in config:
+            config["pair_reduction"] = "avg_nonzero"
+            try:
+                clone = type(loss).from_config(config)
+            except (TypeError, ValueError):
+                clone = None
+        if clone is None:
+            if strict:
+                raise ValueError(
+                    "memory_reduction='avg_nonzero' needs a pair loss whose "
+                    "`pair_reduction` accepts 'avg_nonzero' (ContrastiveLoss, "
+                    f"TripletMarginLoss); {type(loss).__name__} has none. Use "
+                    "memory_reduction='sum' (official XBM: loss(batch) + "
+                    "memory_weight * loss(memory)) or 'joint'."
+                )
+            return None
+        self._term_losses[id(loss)] = (loss, clone)
+        return clone
+
+    def per_anchor(
+        self,
+        loss,
+        embeddings,
+        labels,
+        ids,
+        ref_embeddings,
+        ref_labels,
+        ref_ids,
+        ref_valid,
+        pair_weights=None,
+        **context,
+    ):
+        """Per-anchor loss ``[B]`` with the memory term weighted and reduced.
+
+        The references are ``[other references; memory]``: their last
+        ``size`` rows are :meth:`references` (as ``DMLModel`` builds them).
+        ``pair_weights [B, R]`` and the ``ref_*`` entries of ``context`` are
+        split the same way; other context entries are per anchor.
+        """
+        mode = self.resolve_reduction(loss)
+        if mode == "joint":
+            return loss.per_anchor(
+                embeddings,
+                labels,
+                ref_embeddings,
+                ref_labels,
+                ids,
+                ref_ids,
+                ref_valid,
+                pair_weights=pair_weights,
+                **context,
+            )
+        total = ref_labels.shape[0]
+        if total is not None:
+            split = total - self.size
+            if split < 0:
+                raise ValueError(
+                    f"The references hold {total} rows, fewer than the "
+                    f"memory's {self.size}."
+                )
+        else:
+            split = tf.shape(ref_labels)[0] - self.size
+
+        def head(t, axis=0):
+            if t is None:
+                return None
+            return t[:split] if axis == 0 else t[:, :split]
+
+        def tail(t, axis=0):
+            if t is None:
+                return None
+            return t[split:] if axis == 0 else t[:, split:]
+
+        head_ctx = {
+            k: head(v) if k.startswith("ref_") else v
+            for k, v in context.items()
+        }
+        tail_ctx = {
+            k: tail(v) if k.startswith("ref_") else v
+            for k, v in context.items()
+        }
+        batch_term = loss.per_anchor(
+            embeddings,
+            labels,
+            head(ref_embeddings),
+            head(ref_labels),
+            ids,
+            head(ref_ids),
+            head(ref_valid),
+            pair_weights=head(pair_weights, 1),
+            **head_ctx,
+        )
+        term_loss = loss if mode == "sum" else self._averaged_loss(loss, True)
+        memory_term = term_loss.per_anchor(
+            embeddings,
+            labels,
+            tail(ref_embeddings),
+            tail(ref_labels),
+            ids,
+            tail(ref_ids),
+            tail(ref_valid),
+            pair_weights=tail(pair_weights, 1),
+            **tail_ctx,
+        )
+        return batch_term + self.memory_weight * memory_term
+
+    def drift(self, embeddings, keys):
+        """Mean cosine between batch rows and their own stored copies.
+
+        Args:
+          embeddings: ``[B, d]``.
+          keys: ``[B]`` stable example keys (``-1``: none).
+
+        Returns ``(mean, count)`` float32 scalars: the mean cosine over all
+        (batch row, valid slot) pairs with the same key ``>= 0`` and their
+        number (``mean`` is 0 when ``count`` is 0).
+        """
+        keys = tf.reshape(tf.cast(keys, tf.int32), [-1])
+        emb = tf.cast(tf.stop_gradient(embeddings), tf.float32)
+        stored, _, _, valid = self.references()
+        cos = ops.cosine_similarity(emb, stored)
+        mem_keys = tf.convert_to_tensor(self.keys)
+        match = tf.logical_and(
+            tf.equal(keys[:, None], mem_keys[None, :]),
+            tf.logical_and(valid[None, :], keys[:, None] >= 0),
+        )
+        match = tf.cast(match, tf.float32)
+        count = tf.reduce_sum(match)
+        mean = tf.math.divide_no_nan(tf.reduce_sum(cos * match), count)
+        return mean, count
+
+    # -- the ring buffer ---------------------------------------------------
+    def enqueue(self, embeddings, labels, ids, keys=None):
         """Writes a batch into the ring buffer (after the warm-up).
 
         Row ``k`` of the batch goes to slot ``(pointer + k) mod M``; a batch
@@ -114,12 +341,17 @@ class CrossBatchMemory(keras.layers.Layer):
           embeddings: ``[n, d]`` (cast to float32, gradient stopped).
           labels: ``[n]`` (or ``[n, 1]``) int class ids.
           ids: ``[n]`` int example ids.
+          keys: optional ``[n]`` int stable example keys (for
+            :meth:`drift`); ``-1`` is stored when not given.
         """
         emb = tf.cast(tf.stop_gradient(embeddings), tf.float32)
         labels = tf.cast(labels, tf.int32)
         if labels.shape.rank == 2:
             labels = tf.reshape(labels, [-1])
         ids = tf.cast(ids, tf.int32)
+        if keys is None:
+            keys = tf.fill(tf.shape(ids), -1)
+        keys = tf.reshape(tf.cast(keys, tf.int32), [-1])
         if emb.shape.rank != 2 or (
             emb.shape[-1] is not None and emb.shape[-1] != self.dim
         ):
@@ -132,12 +364,14 @@ class CrossBatchMemory(keras.layers.Layer):
         if n is not None:
             start = max(n - m, 0)  # static: XLA-friendly slicing
             emb, labels, ids = emb[start:], labels[start:], ids[start:]
+            keys = keys[start:]
             offsets = tf.range(start, n, dtype=tf.int32)
             n = tf.constant(n, tf.int32)
         else:
             n = tf.shape(emb)[0]
             start = tf.maximum(n - m, 0)
             emb, labels, ids = emb[start:], labels[start:], ids[start:]
+            keys = keys[start:]
             offsets = tf.range(start, n, dtype=tf.int32)
         pointer = tf.convert_to_tensor(self.pointer)
         filled = tf.convert_to_tensor(self.filled)
@@ -148,12 +382,15 @@ class CrossBatchMemory(keras.layers.Layer):
         old_emb = tf.gather(tf.convert_to_tensor(self.embeddings), idx)
         old_lab = tf.gather(tf.convert_to_tensor(self.labels), idx)
         old_ids = tf.gather(tf.convert_to_tensor(self.ids), idx)
+        old_keys = tf.gather(tf.convert_to_tensor(self.keys), idx)
         emb = tf.where(active, emb, old_emb)
         labels = tf.where(active, labels, old_lab)
         ids = tf.where(active, ids, old_ids)
+        keys = tf.where(active, keys, old_keys)
         self._scatter(self.embeddings, idx, emb)
         self._scatter(self.labels, idx, labels)
         self._scatter(self.ids, idx, ids)
+        self._scatter(self.keys, idx, keys)
         written = tf.where(active, n, 0)
         self.pointer.assign(tf.math.floormod(pointer + written, m))
         self.filled.assign(tf.minimum(filled + written, m))
@@ -171,6 +408,7 @@ class CrossBatchMemory(keras.layers.Layer):
         self.embeddings.assign(tf.zeros_like(self.embeddings))
         self.labels.assign(tf.fill([self.size], -1))
         self.ids.assign(tf.fill([self.size], -1))
+        self.keys.assign(tf.fill([self.size], -1))
         self.pointer.assign(0)
         self.filled.assign(0)
         self.step.assign(0)
@@ -180,6 +418,24 @@ class CrossBatchMemory(keras.layers.Layer):
         for key in ("dtype", "trainable"):
             config.pop(key, None)
         config.update(
-            size=self.size, dim=self.dim, start_after=self.start_after
+            size=self.size,
+            dim=self.dim,
+            start_after=self.start_after,
+            memory_weight=self.memory_weight,
+            memory_reduction=self.memory_reduction,
         )
         return config
+
+
+def _check_weight(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            "`memory_weight` must be a finite number >= 0; received "
+            f"memory_weight={value!r}."
+        )
+    return float(value)

@@ -11,13 +11,18 @@ The step (see ``docs/architecture.md``):
 4. builds the references: the batch, plus the augmenter's synthetic rows
    (IAA), plus the memory's valid slots (XBM);
 5. ``per = loss.per_anchor(emb, labels, ref_emb, ref_labels, ids, ref_ids,
-   ref_valid, probs=..., ref_probs=...)``; loss = weighted mean over
+   ref_valid, probs=..., ref_probs=...)`` (with a memory:
+   ``memory.per_anchor(loss, ...)``, which weights and reduces the memory
+   term, see :mod:`tfdml.memory.xbm`); loss = weighted mean over
    anchors + ``classification_loss_weight`` x sparse CE on the logits +
    the layers' regularisation losses, scaled for distribution;
 6. applies the gradients, then enqueues the (gathered, stop-gradient)
    batch into the memory;
 7. logs ``loss``, ``pos_sim`` and ``neg_sim`` (mean similarity of the
-   positive / negative pairs) and ``classification_loss`` when used.
+   positive / negative pairs), ``classification_loss`` when used and
+   ``xbm_drift`` (mean cosine between a batch embedding and its own copies in
+   the memory, before the step's enqueue) when the data carries stable
+   example ids: ``y = {"labels": [B], "example_ids": [B]}``.
 
 The augmenter hook (IAA; any object with this method)::
 
@@ -181,6 +186,7 @@ class DMLModel(keras.Model):
         self.pos_sim_tracker = keras.metrics.Mean(name="pos_sim")
         self.neg_sim_tracker = keras.metrics.Mean(name="neg_sim")
         self.cls_loss_tracker = keras.metrics.Mean(name="classification_loss")
+        self.drift_tracker = keras.metrics.Mean(name="xbm_drift")
         self.built = True
 
     # -- Keras plumbing ----------------------------------------------------
@@ -220,6 +226,9 @@ class DMLModel(keras.Model):
             compile_config.config["loss"] = loss
         if self._mirrored():
             self.jit_compile = False
+        resolve = getattr(self.memory, "resolve_reduction", None)
+        if resolve is not None:
+            resolve(loss)  # an unsupported memory reduction fails here
 
     def _mirrored(self):
         strategy = self.distribute_strategy
@@ -297,6 +306,15 @@ class DMLModel(keras.Model):
         the logits at the true label, no gradient, or None),
         ``sample_weight`` (or None), all for the global batch.
         """
+        keys = None
+        if isinstance(y, dict):
+            if "labels" not in y:
+                raise ValueError(
+                    "A dict `y` must hold 'labels' (and optionally "
+                    f"'example_ids'); received keys {sorted(y)}."
+                )
+            keys = y.get("example_ids")
+            y = y["labels"]
         out = outputs
         if out is None:
             out = self.encoder(x, training=training)
@@ -329,6 +347,11 @@ class DMLModel(keras.Model):
         if sample_weight is not None:
             sw = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
             batch["sample_weight"] = self._gather(sw)
+        batch["keys"] = None
+        if keys is not None:
+            batch["keys"] = self._gather(
+                tf.reshape(tf.cast(keys, tf.int32), [-1])
+            )
         n = tf.shape(batch["labels"])[0]
         batch["ids"] = self.example_ids(n)
         return batch
@@ -411,6 +434,19 @@ class DMLModel(keras.Model):
             context["probs"] = batch["probs"]
             if "ref_probs" in refs:
                 context["ref_probs"] = refs["ref_probs"]
+        if self.memory is not None and hasattr(self.memory, "per_anchor"):
+            return self.memory.per_anchor(
+                self.pair_loss,
+                batch["embeddings"],
+                batch["labels"],
+                batch["ids"],
+                refs["ref_embeddings"],
+                refs["ref_labels"],
+                refs["ref_ids"],
+                refs["ref_valid"],
+                pair_weights=pair_weights,
+                **context,
+            )
         return self.pair_loss.per_anchor(
             batch["embeddings"],
             batch["labels"],
@@ -488,15 +524,28 @@ class DMLModel(keras.Model):
         state = dict(batch)
         state.update(refs)
         state.update(per_anchor=per, pair_loss=pair, classification_loss=cls)
+        if (
+            training
+            and batch.get("keys") is not None
+            and hasattr(self.memory, "drift")
+        ):
+            # before apply_updates enqueues this batch
+            state["xbm_drift"] = self.memory.drift(
+                batch["embeddings"], batch["keys"]
+            )
         return total, state
 
     def apply_updates(self, state):
         """After the optimizer step: fills the memory, advances the ids."""
         if self.memory is not None:
+            extra = {}
+            if state.get("keys") is not None:
+                extra["keys"] = state["keys"]
             self.memory.enqueue(
                 tf.stop_gradient(state["embeddings"]),
                 state["labels"],
                 state["ids"],
+                **extra,
             )
         n = tf.shape(state["labels"])[0]
         seen = tf.convert_to_tensor(self.examples_seen)
@@ -534,6 +583,12 @@ class DMLModel(keras.Model):
         if state.get("classification_loss") is not None:
             self.cls_loss_tracker.update_state(state["classification_loss"])
             logs["classification_loss"] = self.cls_loss_tracker.result()
+        if state.get("xbm_drift") is not None:
+            drift, count = state["xbm_drift"]
+            self.drift_tracker.update_state(
+                drift, sample_weight=tf.cast(count, tf.float32)
+            )
+            logs["xbm_drift"] = self.drift_tracker.result()
         if isinstance(
             self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
         ):
