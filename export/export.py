@@ -3,17 +3,18 @@
     python export/export.py --run RUN_DIR --out OUT_DIR [--gallery G.npz]
         [--name NAME] [--version N] [--index brute_force|scann|both] [--k 10]
 
-Reads ``RUN_DIR/best_encoder.keras`` and ``RUN_DIR/config.yaml``
-(``model.image_size`` or ``model.input_size``, ``model.channels``). The
-gallery is ``--gallery`` (.npz with ``X`` uint8 [N, H, W] or [N, H, W, C],
-``y`` int labels, optional ``ids`` strings) or else the test split from
-``tfdml.data.load_split_arrays(config, "test")``. Writes
+Reads ``RUN_DIR/best_encoder.keras`` and the resolved config of
+``RUN_DIR/config.yaml`` through ``tfdml.training.run_dir`` (the image size
+and channels must match the encoder). The gallery is ``--gallery`` (.npz
+with ``X`` uint8 [N, H, W] or [N, H, W, C], ``y`` int labels, optional
+``ids`` strings) or else the run's own test split,
+``tfdml.data.load_split_arrays(resolved config, "test")``. Exit status 2
+when RUN_DIR is not a tfdml run. Writes
 ``OUT_DIR/<name>/<version>/`` (and ``OUT_DIR/<name>_scann/<version>/`` with
 ``--index both``); see ``tfdml/export/saved_model.py`` for the signatures.
 """
 
 import argparse
-import os
 import sys
 
 
@@ -35,37 +36,17 @@ def _parse(argv):
 
 
 def load_run(run_dir, encoder_file="best_encoder.keras"):
-    """(encoder, config dict, (H, W, C))."""
-    import keras
-    import yaml
+    """(encoder, resolved config dict, (H, W, C)).
 
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    enc_path = os.path.join(run_dir, encoder_file)
-    for path in (cfg_path, enc_path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--run {run_dir}: missing {path}")
-    with open(cfg_path) as f:
-        cfg = yaml.safe_load(f) or {}
-    try:  # registers tfdml's custom layers, if any
-        import tfdml.models  # noqa: F401
-    except Exception:
-        pass
-    encoder = keras.saving.load_model(enc_path, compile=False)
-    model = cfg.get("model") or {}
-    size = model.get("input_size", model.get("image_size"))
-    shape = encoder.inputs[0].shape
-    h, w, c = (int(s) for s in shape[1:])
-    if size is not None and (int(size) != h or int(size) != w):
-        raise ValueError(
-            f"config.yaml model size {size} does not match the encoder "
-            f"input {tuple(shape)}."
-        )
-    if "channels" in model and int(model["channels"]) != c:
-        raise ValueError(
-            f"config.yaml model.channels={model['channels']} does not match "
-            f"the encoder input {tuple(shape)}."
-        )
-    return encoder, cfg, (h, w, c)
+    Raises:
+      tfdml.training.run_dir.RunDirError: not a tfdml run, a missing
+        encoder, or an encoder that does not match the config.
+    """
+    from tfdml.training import run_dir as run_dir_lib
+
+    cfg = run_dir_lib.read_config(run_dir)
+    encoder, shape = run_dir_lib.load_encoder(run_dir, encoder_file, cfg)
+    return encoder, cfg, shape
 
 
 def load_gallery(gallery, cfg):
@@ -144,5 +125,15 @@ def main(argv=None):
     return written
 
 
+def _cli():
+    from tfdml.training.run_dir import RunDirError
+
+    try:
+        return 0 if main() else 1
+    except RunDirError as e:
+        print(f"error: --run: {e.message}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(_cli())

@@ -64,16 +64,21 @@ def tiny_encoder(h, w, c, d):
 
 
 def tiny_run_dir(root, h, w, c, d):
-    """``root/run``: the run folder ``export/export.py --run`` reads
-    (``best_encoder.keras`` from :func:`tiny_encoder`, seeded, and a
-    ``config.yaml`` with the image size and channels)."""
-    import yaml
+    """``root/run``: a run folder as ``train.py`` lays it out, written by
+    ``tfdml.training.run_dir`` (``config.yaml`` with the resolved config of
+    a ``h x h x c`` model, ``best_encoder.keras`` from :func:`tiny_encoder`,
+    seeded), so ``export/export.py --run`` reads it like a real run."""
+    from tfdml import config as config_lib
+    from tfdml.training import run_dir as run_dir_lib
 
+    assert h == w, "model.image_size is square"
     keras.utils.set_random_seed(0)
     run = root / "run"
     run.mkdir()
-    tiny_encoder(h, w, c, d).save(run / "best_encoder.keras")
-    (run / "config.yaml").write_text(
-        yaml.safe_dump({"model": {"image_size": h, "channels": c}})
+    cfg = config_lib.load(
+        text=f"model: {{image_size: {h}, channels: {c}, embedding_dim: {d}}}\n"
+        "loss: {name: MultiSimilarityLoss}\n"
     )
+    run_dir_lib.write_config(str(run), cfg)
+    tiny_encoder(h, w, c, d).save(run / run_dir_lib.BEST_ENCODER)
     return run

@@ -42,13 +42,14 @@ import numpy as np
 
 from tfdml import config as config_lib
 from tfdml.config import ConfigError
+from tfdml.training import run_dir as run_dir_lib
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_NAN = 3
 EXIT_INTERRUPTED = 130
 
-STATE_FILE = "state.json"
+STATE_FILE = run_dir_lib.STATE_FILE
 
 
 # -- validation --
@@ -644,59 +645,13 @@ def run_dir_of(cfg, config_path=None):
     return os.path.abspath(os.path.join("runs", stem))
 
 
-def _comparable(cfg):
-    """Config without the keys that may change between resumes."""
-    out = json.loads(json.dumps(cfg))
-    train = out.get("train")
-    if isinstance(train, dict):
-        for key in ("overwrite", "verbose", "debug_inject_nan_at_step"):
-            train.pop(key, None)
-    return out
-
-
-def read_state(run_dir):
-    path = os.path.join(run_dir, "checkpoints", STATE_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def prepare_run_dir(cfg, run_dir):
-    """Checks an existing run folder against ``cfg``.
-
-    Returns:
-      ``"new"``, ``"resume"`` or ``"done"``.
-
-    Raises:
-      ConfigError: the folder holds a run of another config (nothing is
-        written).
-    """
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if cfg["train"]["overwrite"] or not os.path.exists(cfg_path):
-        return "new"
-    with open(cfg_path, encoding="utf-8") as f:
-        previous = config_lib.parse_yaml(f.read()) or {}
-    previous = previous.get("resolved", previous)
-    if _comparable(previous) != _comparable(cfg):
-        raise ConfigError(
-            "train.run_dir",
-            f"{run_dir} holds a run of a different config; choose another "
-            "train.run_dir or --set train.overwrite=true",
-        )
-    state = read_state(run_dir)
-    if state and state.get("done"):
-        return "done"
-    return "resume" if state else "new"
+# The one reader / writer of the run folder is tfdml.training.run_dir; these
+# names stay for callers of train_lib.
+_comparable = run_dir_lib._comparable
+read_state = run_dir_lib.read_state
+write_state = run_dir_lib.write_state
+_atomic_write = run_dir_lib.atomic_write
+prepare_run_dir = run_dir_lib.prepare_run_dir
 
 
 # -- runtime options --
@@ -833,25 +788,56 @@ class Checkpointer:
         path = os.path.join(self.restore_directory, name)
         self.ckpt.read(path).assert_consumed()
 
-    def _prune(self, keep_name):
-        names = sorted(
-            {
-                f.split(".")[0]
-                for f in os.listdir(self.directory)
-                if f.startswith("epoch-")
-            }
+    def restore_latest(self, state):
+        """Restores ``state.checkpoint`` or, when it cannot be read (a
+        truncated file), the newest older checkpoint that can; updates
+        ``state`` and says so on stderr.
+
+        Raises:
+          RunDirError: no checkpoint can be read.
+        """
+        names = run_dir_lib.checkpoint_names(self.restore_directory)
+        older = [
+            n
+            for n in reversed(names)
+            if state.checkpoint is None
+            or run_dir_lib.checkpoint_epoch(n)
+            < run_dir_lib.checkpoint_epoch(state.checkpoint)
+        ]
+        errors = []
+        for name in [state.checkpoint, *older]:
+            if name is None:
+                continue
+            try:
+                self.restore(name)
+            except Exception as e:  # noqa: BLE001 - any unreadable file
+                reason = str(e).strip().splitlines()
+                reason = reason[0] if reason else type(e).__name__
+                errors.append(f"{name}: {reason}")
+                print(
+                    f"warning: checkpoint {name} in {self.restore_directory}"
+                    f" cannot be read ({type(e).__name__}: {reason})",
+                    file=sys.stderr,
+                )
+                continue
+            if name != state.checkpoint:
+                epoch = run_dir_lib.checkpoint_epoch(name)
+                print(
+                    f"warning: falling back from {state.checkpoint} to the "
+                    f"previous good checkpoint {name}: resuming after epoch "
+                    f"{epoch} instead of {state.epoch}",
+                    file=sys.stderr,
+                )
+                state.checkpoint, state.epoch = name, epoch
+            return name
+        raise run_dir_lib.RunDirError(
+            f"no readable checkpoint in {self.restore_directory} "
+            f"({'; '.join(errors) or 'none found'}); use --set "
+            "train.overwrite=true to train from scratch"
         )
-        names = [n for n in names if n != keep_name]
-        for stale in names[: max(0, len(names) - (self.keep - 1))]:
-            for f in os.listdir(self.directory):
-                if f.split(".")[0] == stale:
-                    os.remove(os.path.join(self.directory, f))
 
-
-def write_state(run_dir, state):
-    path = os.path.join(run_dir, "checkpoints", STATE_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _atomic_write(path, json.dumps(state.to_json(), indent=2))
+    def _prune(self, keep_name):
+        run_dir_lib.prune_checkpoints(self.directory, self.keep, keep_name)
 
 
 def _finite(value):
@@ -1063,8 +1049,13 @@ def _train(cfg, built, run_dir, mode):
     chief = is_chief(strategy)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if chief:
-        if mode == "new" and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
+        if mode == "new":
+            # Only what a tfdml run writes; the folder and other files stay
+            # (prepare_run_dir refused any other non-empty folder).
+            run_dir_lib.clean_run_dir(run_dir)
+            os.makedirs(run_dir, exist_ok=True)
+            # First, so that a folder this run writes to is a tfdml run.
+            run_dir_lib.write_config(run_dir, cfg)
         os.makedirs(ckpt_dir, exist_ok=True)
         write_dir = ckpt_dir
     else:
@@ -1102,7 +1093,11 @@ def _train_in(cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir):
             restore_directory=ckpt_dir,
         )
         if mode == "resume":
-            checkpointer.restore(state.checkpoint)
+            try:
+                checkpointer.restore_latest(state)
+            except run_dir_lib.RunDirError as e:
+                print(f"error: {e.message}", file=sys.stderr)
+                return EXIT_CONFIG
             print(
                 f"resuming {run_dir} after epoch {state.epoch} "
                 f"({state.checkpoint})"
@@ -1225,9 +1220,7 @@ def _write_config(cfg, built, parts, run_dir):
     }
     for name, obj in parts.describe.items():
         doc["objects"][name] = describe(obj)
-    _atomic_write(
-        os.path.join(run_dir, "config.yaml"), config_lib.dump_yaml(doc)
-    )
+    run_dir_lib.write_config(run_dir, doc["resolved"], doc["objects"])
 
 
 def _callbacks(cfg, built, parts, run_dir, state, checkpointer):

@@ -1,0 +1,1 @@
+"""Training internals (the run folder; more to come)."""
