@@ -289,6 +289,13 @@ SCHEMA = {
             "gaussian_weighted (official OSM + CAA: CE with sample weights "
             "N(p; 0.5, 0.18) of the true-class probability)",
         ),
+        "init_from": Field(
+            str,
+            None,
+            nullable=True,
+            doc="warm start: a run folder whose best_encoder.keras (else "
+            "final_encoder.keras) weights initialise a new run (not a resume)",
+        ),
         "verbose": Field(int, 1, _choice(0, 1, 2)),
         "debug_inject_nan_at_step": Field(
             int,

@@ -427,6 +427,7 @@ class Built:
     memory_kwargs = None
     meta_kwargs = None
     augment_kwargs = None
+    init_weights = None  # train.init_from: {variable path: array}
 
 
 def validate(cfg):
@@ -438,7 +439,117 @@ def validate(cfg):
     built = validate_objects(cfg)
     built.data = Data(cfg)
     check_data(cfg, built.data)
+    check_init_from(cfg, built)
     return built
+
+
+INIT_ENCODERS = ("best_encoder.keras", "final_encoder.keras")
+
+
+def init_from_encoder(run_dir):
+    """The encoder file a warm start reads from a run folder: its
+    ``best_encoder.keras``, else its ``final_encoder.keras``.
+
+    Raises:
+      ConfigError: naming ``train.init_from``.
+    """
+    if not os.path.isdir(run_dir):
+        raise ConfigError(
+            "train.init_from",
+            f"{run_dir!r} is not a folder; expected a run folder holding "
+            f"{' or '.join(INIT_ENCODERS)}",
+        )
+    for name in INIT_ENCODERS:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(
+        "train.init_from",
+        f"{run_dir!r} holds neither {' nor '.join(INIT_ENCODERS)} (is it a "
+        "finished run folder?)",
+    )
+
+
+def match_init_weights(source, encoder, where):
+    """Pairs the source weights ``{variable path: array}`` with the
+    encoder's variables by path. A classification head (``logits/``) present
+    on one side only is left out (a new head starts fresh); anything else
+    must match in name and shape.
+
+    Returns ``{path: array}`` for the encoder's variables.
+
+    Raises:
+      ConfigError: naming ``train.init_from``, with the first differences.
+    """
+    paths = [v.path for v in encoder.weights]
+    problems = []
+    if len(set(paths)) != len(paths):
+        problems.append("the encoder has duplicate variable paths")
+    for v in encoder.weights:
+        if v.path in source:
+            have = tuple(source[v.path].shape)
+            if have != tuple(v.shape):
+                problems.append(
+                    f"{v.path} has shape {have} there, {tuple(v.shape)} here"
+                )
+        elif not v.path.startswith("logits/"):
+            problems.append(f"{v.path} is missing there")
+    problems += [
+        f"{k} exists only there"
+        for k in source
+        if k not in set(paths) and not k.startswith("logits/")
+    ]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ConfigError(
+            "train.init_from",
+            f"the encoder in {where} does not match this config's model "
+            f"(another architecture): {'; '.join(problems[:5])}{more}",
+        )
+    return {p: source[p] for p in paths if p in source}
+
+
+def check_init_from(cfg, built):
+    """``train.init_from``: reads the source encoder and checks it against
+    a freshly built encoder of this config; keeps its weights in
+    ``built.init_weights`` (loaded into a new run's encoder by
+    :func:`apply_init_from`). Runs before the run folder is touched."""
+    src = cfg["train"].get("init_from")
+    if not src:
+        return
+    import keras
+
+    from tfdml import models
+
+    path = init_from_encoder(os.path.abspath(src))
+    try:
+        source = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 (any load failure is the config's)
+        raise ConfigError(
+            "train.init_from", f"cannot load {path}: {e}"
+        ) from None
+    weights = {v.path: np.array(v) for v in source.weights}
+    num_classes = None
+    if cfg["model"]["classification_head"]:
+        num_classes = built.data.num_train_classes
+    target = _construct(
+        "model",
+        models.build_embedding_model,
+        input_shape=input_shape(cfg),
+        num_classes=num_classes,
+        **built.encoder_kwargs,
+    )
+    built.init_weights = match_init_weights(weights, target, path)
+    built.init_from_path = path
+
+
+def apply_init_from(built, encoder):
+    """Loads ``built.init_weights`` (see :func:`check_init_from`) into the
+    encoder of a new run (not on resume: the checkpoint wins)."""
+    for v in encoder.weights:
+        if v.path in built.init_weights:
+            v.assign(built.init_weights[v.path])
+    print(f"encoder initialised from {built.init_from_path}")
 
 
 def validate_objects(cfg):
@@ -1092,6 +1203,8 @@ def _train_in(cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir):
             chief=chief,
             restore_directory=ckpt_dir,
         )
+        if mode != "resume" and built.init_weights is not None:
+            apply_init_from(built, parts.encoder)
         if mode == "resume":
             try:
                 checkpointer.restore_latest(state)
