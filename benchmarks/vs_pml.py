@@ -34,6 +34,10 @@ Protocol (fixed, both frameworks):
   ``AvgNonZeroReducer``) and tfdml ``ContrastiveLoss(form="distance",
   pos_margin=0, neg_margin=1)`` (its default ``pair_reduction``
   ``"avg_nonzero"``);
+* ``triplet`` = PML ``TripletMarginLoss(0.2)`` + ``TripletMarginMiner(0.2,
+  "semihard")`` and tfdml ``TripletMarginLoss(margin=0.2,
+  mining="semi-hard")``; tfdml only (PML has no such loss): ``osm``
+  (``WeightedContrastiveLoss(use_caa=False)``) and ``osm_caa``;
 * evaluation: every test image is a query against all others (self
   excluded); the test embeddings of both frameworks are scored by the
   same code (``tfdml.eval.retrieval_metrics``, exact): MAP@R, R-precision,
@@ -172,7 +176,17 @@ def tfdml_loss(method):
         return losses.ContrastiveLoss(
             form="distance", pos_margin=0.0, neg_margin=1.0
         )
+    if method == "triplet":
+        return losses.TripletMarginLoss(margin=0.2, mining="semi-hard")
+    if method == "osm":
+        return losses.WeightedContrastiveLoss(use_caa=False)
+    if method == "osm_caa":
+        return losses.WeightedContrastiveLoss(use_caa=True)
     raise ValueError(f"unknown method {method!r}")
+
+
+# Methods PML has (the others run on the tfdml side only).
+PML_METHODS = ("ms", "contrastive", "triplet")
 
 
 def run_tfdml(inputs, method, seed, out):
@@ -263,6 +277,11 @@ def run_pml(inputs, method, seed, out):
     elif method == "contrastive":
         loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=1)
         miner = None
+    elif method == "triplet":
+        loss_fn = losses.TripletMarginLoss(margin=0.2)
+        miner = miners.TripletMarginMiner(
+            margin=0.2, type_of_triplets="semihard"
+        )
     else:
         raise ValueError(f"unknown method {method!r}")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -409,7 +428,8 @@ def main(argv=None):
             flush=True,
         )
         for method in methods:
-            kinds = ["tfdml"] + ([] if args.skip_pml else ["pml"])
+            with_pml = not args.skip_pml and method in PML_METHODS
+            kinds = ["tfdml"] + (["pml"] if with_pml else [])
             for kind in kinds:
                 python = sys.executable if kind == "tfdml" else args.pml_python
                 out = os.path.join(work, f"{kind}_{method}_s{seed}.npz")
