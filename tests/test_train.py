@@ -17,6 +17,7 @@ import tensorflow as tf
 import tfdml.models  # noqa: F401  (registers the encoder's layers)
 import train
 from tfdml import train_lib
+from tfdml.training import run_dir as run_dir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -45,7 +46,7 @@ def _history(run_dir):
 
 
 def _state(run_dir):
-    return train_lib.read_state(str(run_dir))
+    return run_dir_lib.read_state(str(run_dir))
 
 
 def _weights(path):
@@ -75,7 +76,7 @@ def test_smoke_run_writes_every_artefact(tmp_path, capsys):
     # Resolved config (with the override) and every object's config.
     from tfdml import config as config_lib
 
-    doc = config_lib.parse_yaml((run_dir / "config.yaml").read_text())
+    doc = run_dir_lib.read_document(str(run_dir))
     assert doc["resolved"]["optimizer"]["learning_rate"] == 2e-3
     assert doc["objects"]["loss"]["class_name"] == "MultiSimilarityLoss"
     assert "alpha" in doc["objects"]["loss"]["config"]
@@ -175,7 +176,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     # Kill as soon as the first epoch's checkpoint is recorded.
-    state_file = b / "checkpoints" / train_lib.STATE_FILE
+    state_file = b / run_dir_lib.CHECKPOINT_DIR / run_dir_lib.STATE_FILE
     deadline = time.time() + 300
     while not state_file.exists() and proc.poll() is None:
         assert time.time() < deadline

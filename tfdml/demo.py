@@ -102,11 +102,9 @@ def query_export(export_dir, encoder, x, y, k=5):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import keras
-
-    import tfdml.models  # noqa: F401  (registers the encoder's layers)
     from tfdml import config as config_lib
     from tfdml import train_lib
+    from tfdml.training import run_dir as run_dir_lib
 
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -134,19 +132,22 @@ def main(argv=None):
     if status != 0:
         return status
     print("[3/4] evaluating on the unseen classes ...")
-    with open(os.path.join(run_dir, "eval_test.json"), encoding="utf-8") as f:
+    eval_path = os.path.join(run_dir, run_dir_lib.EVAL_FILE)
+    with open(eval_path, encoding="utf-8") as f:
         report = json.load(f)
     print("[4/4] querying the exported SavedModel ...")
-    encoder = keras.saving.load_model(
-        os.path.join(run_dir, "final_encoder.keras"), compile=False
+    resolved = run_dir_lib.read_config(run_dir)
+    encoder, _ = run_dir_lib.load_encoder(
+        run_dir, run_dir_lib.FINAL_ENCODER, resolved
     )
-    data = train_lib.Data(cfg)
+    data = train_lib.Data(resolved)
     x, y = data.arrays("test", limit=512)
     served = query_export(export_dir, encoder, x, y)
     _table(report, served)
     print(
         f"\nrun folder: {run_dir}\nplots:      "
-        f"{os.path.join(run_dir, 'plots')}\nexport:     {export_dir}\n"
+        f"{os.path.join(run_dir, run_dir_lib.PLOTS_DIR)}\n"
+        f"export:     {export_dir}\n"
         f"total time: {time.time() - t0:.0f} s"
     )
     return 0
