@@ -83,6 +83,9 @@ def test_every_method_config_shares_backbone_budget_optimizer(tmp_path):
     for method in bench.METHODS:
         cfg = bench.make_config(args, method, 0, str(tmp_path))
         m, t, o = cfg["model"], cfg["train"], cfg["optimizer"]
+        if cfg["train"]["init_from"]:  # warm-start rows: own lr
+            assert o["learning_rate"] == 1e-5
+            continue
         seen.add(
             (
                 m["backbone"],
@@ -207,3 +210,28 @@ def test_xbm_warmup_row_delays_the_memory_by_half_the_budget(tmp_path):
     assert bench.METHODS["xbm_contrastive_warmup"][1] == (
         "contrastive_xbm_margins"
     )
+
+
+def test_warm_start_row_fine_tunes_the_source_row(tmp_path):
+    """MMSI's rows start from the MS row of the same seed (trained first
+    when missing), at lr 1e-5, with the same budget."""
+    import keras
+
+    args = _args(tmp_path)
+    cfg = bench.make_config(args, "mmsi_ms_finetune", 1, "x")
+    src = bench.source_run_dir(args, "ms", 1)
+    assert cfg["train"]["init_from"] == src
+    assert cfg["optimizer"]["learning_rate"] == 1e-5
+    assert cfg["meta"]["method"] == "mmsi"
+    ones = bench.make_config(args, "mmsi_ms_finetune_ones", 1, "x")
+    assert ones["meta"]["weights_mode"] == "ones"
+    metrics, _ = bench.run_one(args, "ms_finetune", 0)
+    assert 0.0 <= metrics["map@r"] <= 1.0
+    src = bench.source_run_dir(args, "ms", 0)
+    assert os.path.exists(os.path.join(src, "best_encoder.keras"))
+    # the fine-tuned run started from the source weights: its history
+    # exists and its first validation is not that of a random encoder
+    ms = keras.saving.load_model(
+        os.path.join(src, "best_encoder.keras"), compile=False
+    )
+    assert ms.count_params() > 0

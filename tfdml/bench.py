@@ -101,6 +101,9 @@ _MMSI_MS_META = {
     "min_classes_before_update": 0,
 }
 
+# Warm start of the fine-tuning rows: the source row (same seed) and lr.
+_WARM = {"from": "ms", "learning_rate": 1e-5}
+
 METHODS = {
     "raw_pixels": ("raw pixels (no training)", None, None),
     "contrastive": ("contrastive", None, {"loss": _CONTRASTIVE}),
@@ -200,6 +203,37 @@ METHODS = {
             "meta": {**_MMSI_MS_META, "normalization": "separate"},
         },
     ),
+    # MMSI in its regime: fine-tune the MS row's best encoder of the same
+    # seed (train.init_from) at a small constant lr, against MS continued
+    # for the same steps and lr, and two controls of the meta weights.
+    "ms_finetune": (
+        "MS continued from MS (warm start, lr 1e-5)",
+        None,
+        {"loss": _MS, "warm_start": _WARM},
+    ),
+    "mmsi_ms_finetune": (
+        "MMSI + MS fine-tuned from MS (lr 1e-5)",
+        "ms_finetune",
+        {"loss": _MMSI_MS, "meta": _MMSI_MS_META, "warm_start": _WARM},
+    ),
+    "mmsi_ms_finetune_ones": (
+        "control: MMSI base with w = 1 (fine-tuned)",
+        "ms_finetune",
+        {
+            "loss": _MMSI_MS,
+            "meta": {**_MMSI_MS_META, "weights_mode": "ones"},
+            "warm_start": _WARM,
+        },
+    ),
+    "mmsi_ms_finetune_random": (
+        "control: random weights with MMSI's sparsity (fine-tuned)",
+        "ms_finetune",
+        {
+            "loss": _MMSI_MS,
+            "meta": {**_MMSI_MS_META, "weights_mode": "random_sparse"},
+            "warm_start": _WARM,
+        },
+    ),
     "iaa_contrastive": (
         "IAA + contrastive",
         "contrastive",
@@ -254,7 +288,8 @@ def make_config(args, method, seed, run_dir):
     """The resolved train config of one (method, seed) run."""
     from tfdml import config as config_lib
 
-    sections = METHODS[method][2] or {"loss": _CONTRASTIVE}
+    sections = dict(METHODS[method][2] or {"loss": _CONTRASTIVE})
+    warm = sections.pop("warm_start", None)
     steps_per_epoch = max(1, args.steps // args.epochs)
     raw = {
         "data": {
@@ -291,6 +326,9 @@ def make_config(args, method, seed, run_dir):
             raw[section] = dict(values)
         else:
             raw[section].update(values)
+    if warm is not None:
+        raw["train"]["init_from"] = source_run_dir(args, warm["from"], seed)
+        raw["optimizer"]["learning_rate"] = warm["learning_rate"]
     frac = raw.get("memory", {}).pop("start_after_fraction", None)
     if frac is not None:
         total = args.epochs * steps_per_epoch
@@ -331,13 +369,35 @@ def raw_pixel_metrics(cfg):
     return test_metrics(flat.astype(np.float32), y), len(y)
 
 
+def source_run_dir(args, method, seed):
+    """Run folder of ``method`` at ``seed`` (also a warm start's source)."""
+    return os.path.abspath(os.path.join(args.runs_dir, f"{method}_s{seed}"))
+
+
+def ensure_source_run(args, method, seed):
+    """Trains a warm-start row's source run if it has no encoder yet."""
+    from tfdml import train_lib
+
+    warm = (METHODS[method][2] or {}).get("warm_start")
+    if warm is None:
+        return
+    src = source_run_dir(args, warm["from"], seed)
+    if os.path.exists(os.path.join(src, "best_encoder.keras")):
+        return
+    cfg = make_config(args, warm["from"], seed, src)
+    rc = train_lib.main(cfg)
+    if rc != train_lib.EXIT_OK:
+        raise RuntimeError(f"{warm['from']} seed {seed}: exit {rc}")
+
+
 def run_one(args, method, seed):
     """Trains one (method, seed) and returns its test metrics (best-val)."""
     import keras
 
     from tfdml import train_lib
 
-    run_dir = os.path.join(args.runs_dir, f"{method}_s{seed}")
+    run_dir = source_run_dir(args, method, seed)
+    ensure_source_run(args, method, seed)
     cfg = make_config(args, method, seed, run_dir)
     if method == "raw_pixels":
         metrics, _ = raw_pixel_metrics(cfg)
