@@ -10,9 +10,29 @@ another size with its own labels and example ids.
 Subclasses implement :meth:`PairLoss.pair_loss` on the pair contract
 (``sim, pos_mask, neg_mask`` ``[B, M]``, see :mod:`tfdml.ops`) and extend
 ``get_config`` with every hyper-parameter.
+
+Labels (:func:`check_labels`) are class ids: only their grouping matters.
+
+* Integer dtypes are the contract. Float labels are accepted only when every
+  value is an integer (Keras hands ``y_true`` over as floats, e.g. from
+  ``model.fit`` on float arrays) and are then cast; a non-integral, NaN or
+  Inf label is rejected (it has no grouping: rounding would merge 0.1 and
+  0.2). Large integer ids stay exact: the Keras entry point passes each
+  label's first position in the batch, never the id, through Keras' float
+  conversion.
+* ``labels`` must have one entry per embedding (``[B]`` or ``[B, 1]``).
+* An empty batch gives a scalar 0 from the Keras entry point (a ``[0]``
+  tensor per anchor from :meth:`PairLoss.per_anchor`).
+
+Checks are static (``ValueError`` at call or trace time) where the value or
+shape is known, otherwise ``tf.debugging`` asserts (``InvalidArgumentError``
+at run time). XLA (``jit_compile=True``) compiles asserts away: there a
+non-integral float label makes the loss NaN instead, which the training loop
+reports as a non-finite loss.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfdml import ops
@@ -42,17 +62,96 @@ def check_choice(name, value, choices):
     return value
 
 
+def _float_labels_message(name, bad=None):
+    shown = ""
+    if bad is not None:
+        values = [float(f"{v:.6g}") for v in np.unique(bad)[:5]]
+        shown = f" Received {values}."
+    return (
+        f"`{name}` must be integer class ids; float labels are accepted only "
+        f"when every value is an integer (non-integral, NaN and Inf values "
+        f"have no class).{shown}"
+    )
+
+
+def check_labels(labels, embeddings, name="labels"):
+    """Validated ``(int32 labels [B], embeddings [B, d])``.
+
+    See the module docstring: integer ids (or integral floats), one per
+    embedding row. Raises ``ValueError`` naming ``name`` (static values or
+    shapes) or adds ``tf.debugging`` asserts (``InvalidArgumentError``).
+    """
+    labels = tf.convert_to_tensor(labels)
+    integral = None
+    if labels.dtype.is_floating:
+        value = tf.get_static_value(labels)
+        if value is not None:
+            value = np.asarray(value, np.float64)
+            ok = np.isfinite(value) & (np.round(value) == value)
+            if not ok.all():
+                raise ValueError(_float_labels_message(name, value[~ok]))
+        else:
+            x = tf.cast(labels, tf.float32)
+            integral = tf.reduce_all(
+                tf.math.is_finite(x) & tf.equal(x, tf.round(x))
+            )
+    labels, embeddings = ops.check_labels_embeddings(
+        labels, embeddings, name=name
+    )
+    n, b = labels.shape[0], embeddings.shape[0]
+    if n is not None and b is not None:
+        if n != b:
+            raise ValueError(
+                f"`{name}` has {n} entries but there are {b} embeddings; "
+                "give one label per embedding row."
+            )
+    elif labels.shape.rank is not None and embeddings.shape.rank is not None:
+        check = tf.debugging.assert_equal(
+            tf.shape(labels)[0],
+            tf.shape(embeddings)[0],
+            message=f"`{name}` and the embeddings differ in length "
+            f"(`{name}` entries, embedding rows):",
+        )
+        with tf.control_dependencies([check] if check is not None else []):
+            labels = tf.identity(labels)
+    if integral is not None:
+        check = tf.debugging.Assert(
+            integral, [_float_labels_message(name)], name="integral_labels"
+        )
+        with tf.control_dependencies([check] if check is not None else []):
+            labels = tf.identity(labels)
+        # XLA drops the assert: make the loss NaN instead.
+        nan = tf.constant(float("nan"), embeddings.dtype)
+        embeddings = embeddings + tf.where(
+            integral, tf.zeros([], embeddings.dtype), nan
+        )
+    return labels, embeddings
+
+
 def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None):
-    """Validates anchors and the optional reference set (ranks, dtypes).
+    """Validates anchors and the optional reference set (ranks, dtypes,
+    integral labels, one label per row; see :func:`check_labels`).
 
     Returns ``(embeddings, int32 labels, ref_embeddings, int32 ref_labels)``.
     """
-    labels, embeddings = ops.check_labels_embeddings(labels, embeddings)
+    labels, embeddings = check_labels(labels, embeddings)
     if ref_embeddings is not None:
-        ref_labels, ref_embeddings = ops.check_labels_embeddings(
+        ref_labels, ref_embeddings = check_labels(
             ref_labels, ref_embeddings, name="ref_labels"
         )
     return embeddings, labels, ref_embeddings, ref_labels
+
+
+def first_position(labels):
+    """``[B]`` int32: the first batch position of each label's class.
+
+    The same grouping as ``labels`` with values below ``B``, exact in
+    float32 (Keras converts ``y_true`` to the loss dtype).
+    """
+    n = tf.shape(labels)[0]
+    same = tf.equal(labels[:, None], labels[None, :])
+    pos = tf.where(same, tf.range(n)[None, :], n)
+    return tf.reduce_min(pos, axis=1)
 
 
 class PairLoss(keras.losses.Loss):
@@ -74,9 +173,15 @@ class PairLoss(keras.losses.Loss):
 
     # -- Keras entry point -------------------------------------------------
     def __call__(self, y_true, y_pred, sample_weight=None):
-        # Validate before Keras converts y_true to the loss dtype.
-        ops.check_labels_embeddings(y_true, y_pred)
-        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+        # Validate before Keras converts y_true to the loss dtype; pass the
+        # grouping (first positions < B), which float32 holds exactly.
+        labels, checked = check_labels(y_true, y_pred)
+        if labels.shape[0] == 0 and self.reduction not in (None, "none"):
+            # Keras returns the [0] per-anchor tensor for an empty batch.
+            return tf.cast(tf.reduce_sum(checked), self.dtype)
+        return super().__call__(
+            first_position(labels), checked, sample_weight=sample_weight
+        )
 
     def call(self, y_true, y_pred):
         return self.per_anchor(y_pred, y_true)

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import check_labels
 from tfdml.mining.hardest import first_one_hot
 
 
@@ -103,11 +104,11 @@ class NPairsLoss(PairLoss):
         pair_weights=None,
         **context,
     ):
-        labels_c, emb_c = ops.check_labels_embeddings(labels, embeddings)
+        labels_c, emb_c = check_labels(labels, embeddings)
         if ref_embeddings is None:
             refs = labels_c
         else:
-            refs, _ = ops.check_labels_embeddings(
+            refs, _ = check_labels(
                 ref_labels, ref_embeddings, name="ref_labels"
             )
         context["representative"] = first_of_each_class(refs, ref_valid)
