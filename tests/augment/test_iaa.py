@@ -543,11 +543,17 @@ def test_refresh_callback_schedule_estimate_and_lambda():
     model = DMLModel(dense_encoder(), augmenter=aug)
     model.compile(optimizer="sgd", loss=MultiSimilarityLoss())
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
-    paper = IAARefresh(ds, official_code=False)
+    paper = IAARefresh(ds, official_code=False, paper_schedule=True)
     official = IAARefresh(ds, epochs=100)
-    for cb in (paper, official):
+    default = IAARefresh(ds, official_code=False, epochs=10)
+    from_fit = IAARefresh(ds, official_code=False)
+    for cb in (paper, official, default, from_fit):
         cb.set_model(model)
     assert [e for e in range(12) if paper.should_refresh(e)] == [0, 4, 8]
+    # Default: after 30 % of the budget, then every 2 epochs.
+    assert [e for e in range(10) if default.should_refresh(e)] == [3, 5, 7, 9]
+    from_fit.set_params({"epochs": 100})
+    assert from_fit.start_epoch == 30 and from_fit.every_n_epochs == 2
     assert [e for e in range(36) if official.should_refresh(e)] == [
         30,
         32,
@@ -647,7 +653,14 @@ def test_config_roundtrip():
         (lambda: IAAugmenter(IAAEstimator(3, 3), num_copies=0), "num_copies"),
         (lambda: IAAugmenter(IAAEstimator(3, 3), lam=-1), "lam"),
         (lambda: IAAugmenter("x"), "estimator"),
-        (lambda: IAAEstimator(3, 3).update(np.ones((2, 3)), [0, 3]), "labels"),
+        (
+            lambda: IAAEstimator(3, 3).update(np.ones((4, 3)), [0, 1, 2, 7]),
+            "label ids",
+        ),
+        (lambda: IAAEstimator(3, 3).update(np.ones((2, 3)), [0.5, 1]), "int"),
+        (lambda: IAARefresh([], max_per_class=0), "max_per_class"),
+        (lambda: IAARefresh([], bn_mode="eval"), "bn_mode"),
+        (lambda: IAARefresh([], start_fraction=1.5), "start_fraction"),
         (lambda: IAAEstimator(3, 3).update(np.ones((2, 4)), [0, 1]), "raw"),
         (lambda: IAARefresh([], every_n_epochs=0), "every_n_epochs"),
         (lambda: official_lambda(0.8, 1, 0), "epochs"),

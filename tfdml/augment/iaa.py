@@ -58,6 +58,7 @@ released code instead:
 """
 
 import math
+import time
 
 import keras
 import numpy as np
@@ -308,8 +309,7 @@ class IAAEstimator(keras.layers.Layer):
     """Per-class mean and diagonal variance of raw embeddings (IAA §IV-A).
 
     Args:
-      num_classes: number of training classes ``C`` (labels in
-        ``[0, C)``).
+      num_classes: number of training classes ``C``.
       dim: raw embedding dimension ``d``.
       momentum: the merge momentum (``w >= 1 - momentum``), default 0.2.
       num_neighbors: ``K`` of the neighbour correction, default 25.
@@ -319,9 +319,17 @@ class IAAEstimator(keras.layers.Layer):
         ``num_classes > correction_threshold`` (default 1000, the official
         code's ``class_num > 1000``).
       official_code: reproduce the released code (module docstring).
+      class_ids: optional ``C`` distinct integer label ids (any values);
+        row ``k`` of every table belongs to the ``k``-th smallest id.
+        Default: ``0 .. C-1``, replaced at the first estimate by the
+        sorted ids seen in that pass when any label lies outside it (so
+        any integer ids work; see :meth:`lookup`). Explicit ids are kept;
+        ids outside them raise in estimation and get no noise in
+        synthesis.
       **kwargs: passed to ``keras.layers.Layer`` (``name``).
 
-    Variables (non-trainable, saved with checkpoints): ``mean [C, d]``,
+    Variables (non-trainable, saved with checkpoints): ``class_ids [C]``
+    (int64, sorted; unused rows hold the int64 maximum), ``mean [C, d]``,
     ``variance [C, d]`` (merged, uncorrected), ``amount [C]`` (samples
     merged so far), ``counts [C]`` (samples in the last pass),
     ``sampling_variance [C, d]`` (what synthesis uses: corrected in paper
@@ -351,6 +359,7 @@ class IAAEstimator(keras.layers.Layer):
         sigma_cv=1.0,
         correction_threshold=1000,
         official_code=False,
+        class_ids=None,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -371,6 +380,10 @@ class IAAEstimator(keras.layers.Layer):
         self.official_code = bool(official_code)
         c, d = self.num_classes, self.dim
         zeros = np.zeros((c, d), np.float32)
+        ids = np.arange(c, dtype="int64")
+        self.class_ids = state_variable("class_ids", ids)
+        if class_ids is not None:
+            self.set_class_ids(class_ids)
         self.mean = state_variable("mean", zeros)
         self.variance = state_variable("variance", zeros)
         self.sampling_variance = state_variable("sampling_variance", zeros)
@@ -405,20 +418,66 @@ class IAAEstimator(keras.layers.Layer):
         return int(np.asarray(self.num_updates.numpy())) > 0
 
     def call(self, labels):
-        """Sampling variances of the given labels ``[B, d]``."""
-        return tf.gather(tf.convert_to_tensor(self.sampling_variance), labels)
+        return self.sampling_variances(labels)
 
-    # -- estimation ---------------------------------------------------------
-    def _check_labels(self, labels):
-        labels = np.asarray(labels).reshape(-1)
-        if labels.size and (
-            labels.min() < 0 or labels.max() >= self.num_classes
-        ):
+    def sampling_variances(self, labels):
+        """Sampling variances of the given label ids ``[B, d]`` (0 for ids
+        not in :attr:`class_ids`)."""
+        rows, known = self.lookup(labels)
+        var = tf.gather(tf.convert_to_tensor(self.sampling_variance), rows)
+        return tf.where(known[:, None], var, 0.0)
+
+    # -- label ids ------------------------------------------------------------
+    def set_class_ids(self, ids):
+        """Sets the label-id table from any ``<= C`` distinct integer ids."""
+        ids = np.unique(np.asarray(ids).reshape(-1))
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(
-                f"`labels` must be in [0, {self.num_classes}); received "
-                f"values in [{labels.min()}, {labels.max()}]."
+                f"`class_ids` must be integers; received dtype {ids.dtype}."
             )
-        return labels
+        if ids.size > self.num_classes:
+            raise ValueError(
+                f"IAAEstimator(num_classes={self.num_classes}) received "
+                f"{ids.size} distinct label ids; num_classes must be at "
+                "least the number of training classes."
+            )
+        table = np.full(self.num_classes, np.iinfo(np.int64).max, np.int64)
+        table[: ids.size] = ids.astype(np.int64)
+        self.class_ids.assign(table)
+
+    def lookup(self, labels):
+        """Table rows of label ids (graph/XLA safe).
+
+        Returns ``(rows [B] int32, known [B] bool)``; ``rows`` is clipped
+        to ``[0, C)`` and ``known`` is False for ids not in the table.
+        """
+        labels = tf.reshape(tf.cast(labels, tf.int64), [-1])
+        table = tf.convert_to_tensor(self.class_ids)
+        rows = tf.searchsorted(table, labels, side="left", out_type=tf.int32)
+        rows = tf.minimum(rows, self.num_classes - 1)
+        known = tf.equal(tf.gather(table, rows), labels)
+        return rows, known
+
+    def rows_of(self, labels):
+        """NumPy table rows of label ids; unknown ids raise ValueError."""
+        labels = np.asarray(labels).reshape(-1)
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"`labels` must be integers; received dtype {labels.dtype}."
+            )
+        table = np.asarray(self.class_ids.numpy())
+        rows = np.minimum(
+            np.searchsorted(table, labels.astype(np.int64)),
+            self.num_classes - 1,
+        )
+        unknown = table[rows] != labels
+        if unknown.any():
+            raise ValueError(
+                f"label ids {sorted(set(labels[unknown].tolist()))[:5]} are "
+                "not in the estimator's class_ids (the ids of its first "
+                "estimate or of set_class_ids)."
+            )
+        return rows
 
     def update(self, raw, labels):
         """One estimation from a full set of raw embeddings ``[N, d]``."""
@@ -429,11 +488,14 @@ class IAAEstimator(keras.layers.Layer):
 
         Args:
           batches: an iterable of ``(raw [b, d], labels [b])`` pairs (numpy
-            or tensors): the raw head outputs of the whole training set.
+            or tensors): raw head outputs of (a sample of) the training set.
+            Labels are any integer ids: before the first estimate, a pass
+            with ids outside :attr:`class_ids` sets the table to the pass's
+            sorted ids.
 
         Returns the last pass's per-class counts ``[C]`` (numpy).
         """
-        stats = _PassStatistics(self.num_classes, self.dim)
+        pairs = []
         for raw, labels in batches:
             raw = np.asarray(raw)
             if raw.ndim != 2 or raw.shape[1] != self.dim:
@@ -441,13 +503,22 @@ class IAAEstimator(keras.layers.Layer):
                     f"`raw` must have shape [batch, {self.dim}]; received "
                     f"shape {raw.shape}."
                 )
-            labels = self._check_labels(labels)
+            labels = np.asarray(labels).reshape(-1)
             if len(labels) != raw.shape[0]:
                 raise ValueError(
                     "`labels` and `raw` must have the same length; received "
                     f"{len(labels)} and {raw.shape[0]}."
                 )
-            stats.add(raw, labels)
+            pairs.append((raw, labels))
+        if pairs and not self.estimated:
+            seen = np.unique(np.concatenate([y for _, y in pairs]))
+            table = np.asarray(self.class_ids.numpy())
+            default = np.array_equal(table, np.arange(self.num_classes))
+            if default and seen.size and not np.isin(seen, table).all():
+                self.set_class_ids(seen)
+        stats = _PassStatistics(self.num_classes, self.dim)
+        for raw, labels in pairs:
+            stats.add(raw, self.rows_of(labels))
         self.merge(stats.count, stats.mean, stats.variance)
         return stats.count
 
@@ -512,9 +583,10 @@ class IAAEstimator(keras.layers.Layer):
         return out
 
     def reset(self):
-        """Forgets every estimate."""
+        """Forgets every estimate (and the label-id table)."""
         for v in self.variables:
             v.assign(tf.zeros_like(v))
+        self.class_ids.assign(np.arange(self.num_classes, dtype="int64"))
 
     def get_config(self):
         config = super().get_config()
@@ -542,6 +614,10 @@ class IAAugmenter(keras.layers.Layer):
 
     Pass it to :class:`tfdml.models.DMLModel` as ``augmenter``; the copies
     become extra references (never anchors) in every training step.
+    Every synthesis step also accumulates the augmentation strength (see
+    :meth:`strength`): the mean ``|z_hat - z| / |z|`` (``iaa_noise_ratio``)
+    and the mean ``cos(z_hat, z)`` (``iaa_copy_cos``) over all copies;
+    :class:`IAARefresh` logs their epoch means into the fit history.
 
     Args:
       estimator: an :class:`IAAEstimator` (or its config dict).
@@ -620,7 +696,26 @@ class IAAugmenter(keras.layers.Layer):
             synchronization="on_write",
             name="step",
         )
+        # [sum of |noise|/|z|, sum of cos(copy, z), number of copies]
+        self.strength_sums = state_variable(
+            "strength_sums", np.zeros((3,), np.float32)
+        )
         self.built = True
+
+    def strength(self):
+        """Mean noise ratio and copy cosine since :meth:`reset_strength`.
+
+        Returns ``{"iaa_noise_ratio": float, "iaa_copy_cos": float}``;
+        ``0.0`` and ``1.0`` (copies equal their source) when no copy was
+        made.
+        """
+        ratio, cos, count = (float(v) for v in self.strength_sums.numpy())
+        if count == 0:
+            return {"iaa_noise_ratio": 0.0, "iaa_copy_cos": 1.0}
+        return {"iaa_noise_ratio": ratio / count, "iaa_copy_cos": cos / count}
+
+    def reset_strength(self):
+        self.strength_sums.assign(np.zeros((3,), np.float32))
 
     def std_exponents(self):
         """Exponent of the variance per copy: 1/2 (paper) or 1/2**m."""
@@ -631,9 +726,8 @@ class IAAugmenter(keras.layers.Layer):
     def sample(self, raw, labels):
         """Unnormalised copies ``[M, B, d]`` (advances the noise step)."""
         raw = tf.cast(raw, tf.float32)
-        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-        table = tf.convert_to_tensor(self.estimator.sampling_variance)
-        var = tf.stop_gradient(tf.maximum(tf.gather(table, labels), 0.0))
+        var = self.estimator.sampling_variances(labels)
+        var = tf.stop_gradient(tf.maximum(var, 0.0))
         step = tf.convert_to_tensor(self.step)
         self.step.assign(step + 1)
         seed = tf.stack([tf.constant(self.seed, tf.int32), step])
@@ -644,7 +738,25 @@ class IAAugmenter(keras.layers.Layer):
         for m, p in enumerate(self.std_exponents()):
             std = tf.sqrt(var) if p == 0.5 else tf.pow(var, p)
             copies.append(raw + scale * std * noise[m])
-        return tf.stack(copies, 0)
+        copies = tf.stack(copies, 0)
+        self._track_strength(tf.stop_gradient(raw), tf.stop_gradient(copies))
+        return copies
+
+    def _track_strength(self, raw, copies):
+        z = tf.broadcast_to(raw[None], tf.shape(copies))
+        ratio = tf.math.divide_no_nan(
+            tf.norm(copies - z, axis=-1), tf.norm(z, axis=-1)
+        )
+        cos = tf.reduce_sum(
+            tf.math.l2_normalize(copies, -1, 1e-12)
+            * tf.math.l2_normalize(z, -1, 1e-12),
+            -1,
+        )
+        count = tf.cast(tf.size(ratio), tf.float32)
+        sums = tf.convert_to_tensor(self.strength_sums)
+        self.strength_sums.assign(
+            sums + tf.stack([tf.reduce_sum(ratio), tf.reduce_sum(cos), count])
+        )
 
     def synthesize(self, raw, labels, ids):
         """The DMLModel hook: copies as extra references.
@@ -661,7 +773,9 @@ class IAAugmenter(keras.layers.Layer):
           so it is not a positive of its own anchor but is a positive of the
           other same-class anchors. ``[0, d]`` tensors while not enabled.
         """
-        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        labels = tf.reshape(labels, [-1])
+        if labels.dtype != tf.int64:
+            labels = tf.cast(labels, tf.int32)
         ids = tf.reshape(tf.cast(ids, tf.int32), [-1])
         if not self.enabled:
             empty = tf.zeros([0], tf.int32)
@@ -705,26 +819,61 @@ class IAARefresh(keras.callbacks.Callback):
 
     At the beginning of Keras epoch ``e`` (0-based) with
     ``e >= start_epoch`` and ``(e - start_epoch) % every_n_epochs == 0`` it
-    runs the encoder in inference mode over ``dataset``, merges the raw
-    embeddings into ``model.augmenter.estimator`` (then the neighbour
-    correction), and enables synthesis (the train step is retraced once).
-    Before the first estimate no synthetic rows are added.
+    embeds a bounded sample of ``dataset`` (at most ``max_per_class``
+    images per class), merges the raw embeddings into
+    ``model.augmenter.estimator`` (then the neighbour correction), and
+    enables synthesis (the train step is retraced once). Before the first
+    estimate no synthetic rows are added.
+
+    **BatchNorm.** Synthesis perturbs the training-mode raw outputs, so by
+    default (``bn_mode="training"``) sigma is estimated from training-mode
+    outputs too: ``encoder.stateless_call(..., training=True)`` on batches
+    of the sample, with the updated BN moving statistics discarded (the
+    encoder's variables are not touched). A frozen BN (``trainable=False``,
+    as in the official code) is in inference mode either way.
+    ``bn_mode="inference"`` reproduces tfdml's earlier estimate
+    (``encoder(x, training=False)``): on a from-scratch encoder its moving
+    statistics are far from the batch statistics, and the noise was
+    0.6 % of ``|z|`` (copies = duplicates).
+
+    **Schedule.** Default: the first estimate at epoch
+    ``ceil(start_fraction * epochs)`` (30 % of the budget, the official
+    code's epoch 31 of 100), then every 2 epochs. ``paper_schedule=True``
+    reproduces tfdml's earlier paper-mode default (epoch 0, i.e. an
+    untrained network, then every 4 epochs); ``official_code`` the
+    released code's epochs 30, 32, ... Explicit ``start_epoch`` /
+    ``every_n_epochs`` override all of these.
+
+    **Logs.** ``iaa_noise_ratio`` (mean ``|z_hat - z| / |z|``) and
+    ``iaa_copy_cos`` (mean ``cos(z_hat, z)``) of the epoch's synthetic
+    copies are added to the epoch logs (the fit history); 0 and 1 while
+    nothing is synthesised.
 
     Args:
-      dataset: iterable of ``(images, labels)`` batches covering the
-        training set (the official code uses the training transform,
-        unshuffled); labels in ``[0, num_classes)``.
-      start_epoch: first refresh epoch; default 0 (paper) or 30 (official:
-        code epochs 31, 33, ...).
-      every_n_epochs: refresh period; default 4 (paper) or 2 (official).
-      epochs: total epochs ``T``; with ``lambda_schedule`` the augmenter's
-        lambda follows :func:`official_lambda` each epoch.
+      dataset: iterable of ``(images, labels)`` batches of the training set
+        (the official code uses the training transform); labels are any
+        integer ids (see :class:`IAAEstimator` ``class_ids``). Shuffle it
+        to draw a different bounded sample at each refresh.
+      start_epoch: first refresh epoch (overrides the schedule).
+      every_n_epochs: refresh period (overrides the schedule).
+      epochs: total epochs ``T``; default: ``fit``'s ``epochs``. With
+        ``lambda_schedule`` the augmenter's lambda follows
+        :func:`official_lambda` each epoch.
       lambda_schedule: default: on in official mode when ``epochs`` is set.
       official_code: default: the augmenter's flag.
+      start_fraction: first estimate after this fraction of ``epochs``
+        (default 0.3).
+      paper_schedule: start at epoch 0 and refresh every 4 epochs (the
+        earlier tfdml default; estimates an untrained network).
+      max_per_class: at most this many images per class are embedded per
+        refresh (default 32; ``None``: the whole dataset). Reading stops
+        once every class has its quota.
+      bn_mode: ``"training"`` (default) or ``"inference"`` (see above).
 
     The callback finds the augmenter as ``self.model.augmenter``
     (:class:`tfdml.models.DMLModel`) and the encoder as
-    ``self.model.encoder``.
+    ``self.model.encoder``. ``refresh_seconds`` and ``sample_sizes`` record
+    each refresh's wall time and number of embedded images.
     """
 
     def __init__(
@@ -735,6 +884,10 @@ class IAARefresh(keras.callbacks.Callback):
         epochs=None,
         lambda_schedule=None,
         official_code=None,
+        start_fraction=0.3,
+        paper_schedule=False,
+        max_per_class=32,
+        bn_mode="training",
     ):
         super().__init__()
         self.dataset = dataset
@@ -747,8 +900,25 @@ class IAARefresh(keras.callbacks.Callback):
             check_int("start_epoch", start_epoch, 0)
         if every_n_epochs is not None:
             check_int("every_n_epochs", every_n_epochs)
+        self.start_fraction = _in_range(
+            "start_fraction", start_fraction, 0.0, 1.0
+        )
+        self.paper_schedule = bool(paper_schedule)
+        self.max_per_class = (
+            None
+            if max_per_class is None
+            else check_int("max_per_class", max_per_class)
+        )
+        if bn_mode not in ("training", "inference"):
+            raise ValueError(
+                "`bn_mode` must be 'training' or 'inference'; received "
+                f"bn_mode={bn_mode!r}."
+            )
+        self.bn_mode = bn_mode
         self.base_lam = None
         self.refreshed_epochs = []
+        self.refresh_seconds = []
+        self.sample_sizes = []
         self._encode = None
 
     @property
@@ -768,16 +938,34 @@ class IAARefresh(keras.callbacks.Callback):
         return self.augmenter.official_code
 
     @property
+    def total_epochs(self):
+        """``epochs``, else ``fit``'s ``epochs`` (None outside fit)."""
+        if self.epochs is not None:
+            return self.epochs
+        return (getattr(self, "params", None) or {}).get("epochs")
+
+    @property
     def start_epoch(self):
         if self._start is not None:
             return self._start
-        return 30 if self.official_code else 0
+        if self.official_code:
+            return 30
+        if self.paper_schedule:
+            return 0
+        total = self.total_epochs
+        if total is None:
+            raise ValueError(
+                "IAARefresh needs `epochs` (or fit's epochs) to start after "
+                f"start_fraction={self.start_fraction} of the budget; pass "
+                "epochs=, start_epoch= or paper_schedule=True."
+            )
+        return int(math.ceil(self.start_fraction * total - 1e-9))
 
     @property
     def every_n_epochs(self):
         if self._every is not None:
             return self._every
-        return 2 if self.official_code else 4
+        return 4 if self.paper_schedule and not self.official_code else 2
 
     def should_refresh(self, epoch):
         """Whether Keras epoch ``epoch`` (0-based) starts with a refresh."""
@@ -786,21 +974,72 @@ class IAARefresh(keras.callbacks.Callback):
             and (epoch - self.start_epoch) % self.every_n_epochs == 0
         )
 
-    def refresh(self):
-        """One estimation pass over ``dataset`` (then correction)."""
+    def _encoder_fn(self):
         encoder = self.model.encoder
+        if self.bn_mode == "inference":
+            return tf.function(lambda x: encoder(x, training=False)["raw"])
+
+        def encode(x):
+            # Training-mode forward pass; the updated non-trainable state
+            # (BN moving statistics, seed counters) is discarded.
+            trainable = [v.value for v in encoder.trainable_variables]
+            frozen = [v.value for v in encoder.non_trainable_variables]
+            out, _ = encoder.stateless_call(trainable, frozen, x, training=True)
+            return out["raw"]
+
+        return tf.function(encode)
+
+    def sample_batches(self):
+        """Yields ``(images, labels)`` of the bounded sample, in batches of
+        the dataset's batch size (the last one may hold up to twice that,
+        so that no training-mode batch is tiny)."""
+        cap = self.max_per_class
+        num_classes = self.augmenter.estimator.num_classes
+        counts, full = {}, 0
+        xs, ys, size = [], [], None
+        for batch in self.dataset:
+            x, y = _unpack(batch)
+            x = np.asarray(x)
+            y = np.asarray(y).reshape(-1)
+            if size is None:
+                size = max(len(y), 2)
+            if cap is not None:
+                keep = []
+                for i, label in enumerate(y.tolist()):
+                    n = counts.get(label, 0)
+                    if n < cap:
+                        keep.append(i)
+                        counts[label] = n + 1
+                        full += n + 1 == cap
+                x, y = x[keep], y[keep]
+            xs.append(x)
+            ys.append(y)
+            pending = sum(len(v) for v in ys)
+            if pending >= 2 * size:
+                x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+                yield x_all[:size], y_all[:size]
+                xs, ys = [x_all[size:]], [y_all[size:]]
+            if cap is not None and full >= num_classes:
+                break
+        if ys and sum(len(v) for v in ys):
+            yield np.concatenate(xs), np.concatenate(ys)
+
+    def refresh(self):
+        """One estimation pass over the bounded sample (then correction)."""
         if self._encode is None:
-            self._encode = tf.function(
-                lambda x: encoder(x, training=False)["raw"]
-            )
+            self._encode = self._encoder_fn()
+        start = time.perf_counter()
+        sizes = []
 
         def batches():
-            for batch in self.dataset:
-                x, y = _unpack(batch)
-                raw = self._encode(x)
-                yield np.asarray(raw, np.float32), np.asarray(y).reshape(-1)
+            for x, y in self.sample_batches():
+                raw = self._encode(tf.convert_to_tensor(x))
+                sizes.append(len(y))
+                yield np.asarray(raw, np.float32), y
 
         self.augmenter.estimator.update_from_batches(batches())
+        self.refresh_seconds.append(time.perf_counter() - start)
+        self.sample_sizes.append(int(sum(sizes)))
 
     def _sync_enabled(self):
         aug = self.augmenter
@@ -831,3 +1070,8 @@ class IAARefresh(keras.callbacks.Callback):
             self.refresh()
             self.refreshed_epochs.append(epoch)
         self._sync_enabled()
+        aug.reset_strength()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self.augmenter.strength())
