@@ -108,9 +108,20 @@ def multi_similarity(
 # --- Pair losses (H1): contrastive, triplet, lifted, N-pair -----------------
 
 
+# tfdml.ops.UNIT_DISTANCE_SQ_FLOOR: squared unit distances at or below it
+# are float32 rounding noise and count as exactly 0 (duplicates).
+UNIT_DISTANCE_SQ_FLOOR = 1e-6
+
+
+def unit_distance_from_sim(sim):
+    """sqrt(2 - 2 S), 0 at or below the float32 noise floor."""
+    sq = 2.0 - 2.0 * np.asarray(sim, np.float64)
+    return np.sqrt(np.where(sq > UNIT_DISTANCE_SQ_FLOOR, sq, 0.0))
+
+
 def unit_distance(emb, ref=None):
     """Euclidean distance of L2-normalised embeddings (sqrt(2 - 2 S))."""
-    return np.sqrt(np.maximum(2.0 - 2.0 * cosine(emb, ref), 0.0))
+    return unit_distance_from_sim(cosine(emb, ref))
 
 
 def _reduce_anchor(values_per_anchor, mode):
@@ -465,7 +476,7 @@ def mine_threshold(
     sim, lists, pos_threshold=None, neg_threshold=None, form="similarity"
 ):
     pos_set, neg_set = set(), set()
-    d = np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
+    d = unit_distance_from_sim(sim)
     for i, (pos, neg) in enumerate(lists):
         for j in pos:
             if pos_threshold is None or (
@@ -486,11 +497,7 @@ def mine_threshold(
 
 def mine_semi_hard(sim, lists, margin=0.2, form="distance"):
     """Brute force over triplets: pairs in at least one semi-hard triplet."""
-    d = (
-        np.sqrt(np.maximum(2.0 - 2.0 * sim, 0.0))
-        if form == "distance"
-        else -sim
-    )
+    d = unit_distance_from_sim(sim) if form == "distance" else -sim
     pos_set, neg_set = set(), set()
     for i, (pos, neg) in enumerate(lists):
         for j in pos:

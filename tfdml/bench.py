@@ -138,7 +138,11 @@ METHODS = {
     "osm_caa": (
         "OSM + CAA",
         "osm",
-        {"loss": {**_OSM, "use_caa": True}},
+        {
+            "loss": {**_OSM, "use_caa": True},
+            # CAA reads the head's class probabilities; CE weight 0
+            "model": {"classification_head": True},
+        },
     ),
     "osm_caa_ce": (
         "OSM + CAA + CE head (weight 1)",
@@ -150,11 +154,23 @@ METHODS = {
         },
     ),
     "xbm_contrastive": (
-        "XBM + contrastive",
-        "contrastive",
+        "XBM + contrastive (memory term averaged over non-zero pairs)",
+        "contrastive_xbm_margins",
         {
             "loss": _CONTRASTIVE_XBM,
             "memory": {"size": 2048, "start_after": 0},
+        },
+    ),
+    "xbm_contrastive_joint": (
+        "XBM + contrastive, one summed loss over batch + memory (old row)",
+        "contrastive_xbm_margins",
+        {
+            "loss": _CONTRASTIVE_XBM,
+            "memory": {
+                "size": 2048,
+                "start_after": 0,
+                "memory_reduction": "joint",
+            },
         },
     ),
     # XBM's row changes two things against "contrastive" (margins and the

@@ -106,9 +106,24 @@ def safe_sqrt(x):
     return tf.where(positive, tf.sqrt(safe), tf.zeros_like(x))
 
 
+# Squared unit-vector distances below this are float32 rounding noise of
+# 2 - 2 S (the ulp of S near 1 is 6e-8; a float32 dot product of unit
+# vectors carries a few of them) and are set to exactly 0: two identical
+# embeddings are at distance 0 on every CPU, with or without oneDNN, so a
+# duplicate pair never counts as a "non-zero" pair by accident.
+UNIT_DISTANCE_SQ_FLOOR = 1e-6
+
+
 def distance_from_similarity(sim):
-    """Euclidean distance between unit vectors: sqrt(2 - 2 S)."""
-    return safe_sqrt(tf.maximum(2.0 - 2.0 * sim, 0.0))
+    """Euclidean distance between unit vectors: sqrt(2 - 2 S).
+
+    Squared distances at or below :data:`UNIT_DISTANCE_SQ_FLOOR` (rounding
+    noise; distance 1e-3) are 0, with a zero gradient.
+    """
+    sq = 2.0 - 2.0 * sim
+    return safe_sqrt(
+        tf.where(sq > UNIT_DISTANCE_SQ_FLOOR, sq, tf.zeros_like(sq))
+    )
 
 
 def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
