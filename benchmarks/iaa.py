@@ -5,12 +5,15 @@ Same batch, same small CNN (64x64x1, batch 32 classes x 4 images, embedding
 sample as extra references), eager-graph and XLA, with and without a cross-
 batch memory. The estimator is filled once from the encoder before timing.
 Also times one neighbour correction (paper Eq. 9-16) for a large label
-space. Prints a Markdown table.
+space, and (``--refresh``) one ``IAARefresh`` estimate on cjk_glyphs/small
+(6,758 images, 32x32, small CNN from scratch): the whole split against the
+bounded sample of ``max_per_class`` images per class. Prints Markdown.
 
 Usage::
 
   python benchmarks/iaa.py [--steps 20] [--warmup 3] [--copies 3]
                            [--correction-classes 2000]
+  python benchmarks/iaa.py --refresh-only [--max-per-class 32]
 """
 
 import argparse
@@ -25,6 +28,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tfdml.augment import IAAEstimator  # noqa: E402
+from tfdml.augment import IAARefresh  # noqa: E402
 from tfdml.augment import IAAugmenter  # noqa: E402
 from tfdml.augment import neighbor_correction  # noqa: E402
 from tfdml.losses import MultiSimilarityLoss  # noqa: E402
@@ -146,6 +150,39 @@ def time_correction(classes, dim, k=25):
     return time.perf_counter() - start
 
 
+def time_refresh(max_per_class, repeats=2, size=32, batch=256):
+    """Seconds of one IAARefresh.refresh() on cjk_glyphs/small: the whole
+    split (``max_per_class=None``) and the bounded sample; median of
+    ``repeats`` after one traced call. Images are decoded once, in memory,
+    shuffled (so the bounded sample is random)."""
+    from tfdml.data.sources import source_from_config
+
+    src = source_from_config({"source": "cjk_glyphs", "config": "small"})
+    order = np.random.default_rng(0).permutation(len(src))
+    x = np.stack(src.load_batch(order)).astype(np.float32) / 255.0
+    x = tf.image.resize(x, (size, size)).numpy()
+    y = np.asarray(src.labels)[order].astype(np.int32)
+    classes = len(np.unique(y))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    out = {"images": len(y), "classes": classes}
+    for cap in (None, max_per_class):
+        keras.utils.set_random_seed(0)
+        encoder = build_embedding_model(
+            (size, size, x.shape[-1]), embedding_dim=128
+        )
+        aug = IAAugmenter(IAAEstimator(classes, 128), seed=0)
+        model = DMLModel(encoder, augmenter=aug)
+        cb = IAARefresh(ds, start_epoch=0, max_per_class=cap)
+        cb.set_model(model)
+        for _ in range(repeats + 1):
+            cb.refresh()
+        out[cap] = (
+            float(np.median(cb.refresh_seconds[1:])),
+            cb.sample_sizes[-1],
+        )
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -161,7 +198,29 @@ def main(argv=None):
     parser.add_argument(
         "--no-steps", action="store_true", help="only the head timings"
     )
+    parser.add_argument(
+        "--refresh", action="store_true", help="also time IAARefresh on CJK"
+    )
+    parser.add_argument(
+        "--refresh-only", action="store_true", help="only the refresh timing"
+    )
+    parser.add_argument("--max-per-class", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.refresh or args.refresh_only:
+        res = time_refresh(args.max_per_class)
+        print(
+            f"IAARefresh on cjk_glyphs/small ({res['images']} images, "
+            f"{res['classes']} classes, 32x32, small CNN, training-mode BN, "
+            f"batch 256), median of 2 after one traced call; "
+            f"{os.cpu_count()} CPU cores\n\n"
+            "| sample | images embedded | s per refresh |\n|---|---:|---:|"
+        )
+        for cap in (None, args.max_per_class):
+            sec, n = res[cap]
+            name = "whole split" if cap is None else f"max_per_class={cap}"
+            print(f"| {name} | {n} | {sec:.2f} |")
+        if args.refresh_only:
+            return res
     rows = [
         run(name, spec, args)
         for name, spec in CONFIGS.items()
