@@ -255,6 +255,9 @@ class Data:
         last = len(self._train_ids) - 1
 
         def remap(x, y):
+            if isinstance(y, dict):  # {"labels", "example_ids"}
+                x, labels = remap(x, y["labels"])
+                return x, {**y, "labels": labels}
             y = tf.cast(y, tf.int64)
             flat = tf.reshape(y, [-1])
             pos = tf.minimum(tf.searchsorted(ids, flat), last)
@@ -265,10 +268,17 @@ class Data:
         return ds.map(remap, num_parallel_calls=tf.data.AUTOTUNE)
 
     def train_batches(
-        self, seed, classes_per_batch=None, samples_per_class=None
+        self,
+        seed,
+        classes_per_batch=None,
+        samples_per_class=None,
+        example_ids=False,
     ):
         """Infinite P x K batches drawn with ``seed`` only (a new pipeline
-        per epoch, so resuming at any epoch replays the same batches)."""
+        per epoch, so resuming at any epoch replays the same batches).
+
+        ``example_ids``: ``y = {"labels", "example_ids"}`` with stable
+        per-image ids (the memory's ``xbm_drift`` metric needs them)."""
         from tfdml import data as data_lib
 
         d = self.cfg["data"]
@@ -285,6 +295,7 @@ class Data:
             self.channels,
             seed=seed,
             augment=d["augmentation"],
+            example_ids=example_ids,
         )
         return self._train_labels(ds)
 
@@ -1492,8 +1503,10 @@ def train_dataset(cfg, built, start, strategy=None):
     seed = train["seed"]
     steps = train["steps_per_epoch"]
     data = built.data
+    # Stable image ids for a memory run: xbm_drift (cos to own stored copy).
+    with_ids = bool(cfg["memory"]["size"])
     ds = _concat_epochs(
-        lambda e: data.train_batches(seed + e),
+        lambda e: data.train_batches(seed + e, example_ids=with_ids),
         start,
         train["epochs"],
         steps,

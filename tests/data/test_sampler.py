@@ -228,3 +228,22 @@ def test_load_split_arrays_matches_split():
     assert set(yv.tolist()) == set(s["val"].tolist())
     with pytest.raises(ValueError, match="split"):
         data.load_split_arrays(cfg, "dev")
+
+
+def test_example_ids_are_the_source_index_of_each_image():
+    """example_ids=True: y = {labels, example_ids}; the id of a row is the
+    source index of its image (stable across batches: the memory's drift
+    metric matches an image with its own stored copy by it)."""
+    src = _source(size=6)
+    plain = data.balanced_dataset(src, src.classes, 4, 3, 6, 1, seed=5)
+    ds = data.balanced_dataset(
+        src, src.classes, 4, 3, 6, 1, seed=5, example_ids=True
+    )
+    for (x, y), (x0, y0) in zip(ds.take(5), plain.take(5)):
+        ids, labels = y["example_ids"].numpy(), y["labels"].numpy()
+        assert ids.dtype == np.int32 and labels.dtype == np.int32
+        np.testing.assert_array_equal(labels, y0.numpy())
+        np.testing.assert_array_equal(x.numpy(), x0.numpy())
+        np.testing.assert_array_equal(src.labels[ids], labels)
+        want = src.images[ids].astype(np.float32) / 255.0
+        np.testing.assert_allclose(x.numpy(), want.reshape(x.shape), atol=1e-6)

@@ -199,6 +199,7 @@ def balanced_dataset(
     channels,
     seed=0,
     augment=None,
+    example_ids=False,
 ):
     """Infinite P x K batches ``(float32 [P*K, H, W, C], int32 [P*K])``.
 
@@ -211,6 +212,10 @@ def balanced_dataset(
       seed: same seed -> same batches.
       augment: ``None``, a Keras layer / callable applied to the batch with
         ``training=True``, or a config for :func:`make_augmentation`.
+      example_ids: yield ``y = {"labels": int32 [P*K], "example_ids":
+        int32 [P*K]}`` with each image's index in ``source`` (a stable key:
+        the same image has the same id in every batch, which
+        :class:`tfdml.models.DMLModel` uses for the ``xbm_drift`` metric).
 
     Raises:
       ValueError: K < 2 or P larger than the number of classes (naming
@@ -232,6 +237,13 @@ def balanced_dataset(
         gen, output_signature=tf.TensorSpec([batch], tf.int64)
     )
     label_table = tf.constant(labels.astype(np.int32))
+
+    def target(idx):
+        y = tf.gather(label_table, idx)
+        if not example_ids:
+            return y
+        return {"labels": y, "example_ids": tf.cast(idx, tf.int32)}
+
     if _fixed_size_arrays(source):
         shape = source.images.shape[1:]
 
@@ -240,16 +252,14 @@ def balanced_dataset(
                 lambda i: source.images[i], [idx], tf.uint8, stateful=False
             )
             x.set_shape([batch, *shape])
-            return preprocess(x, image_size, channels), tf.gather(
-                label_table, idx
-            )
+            return preprocess(x, image_size, channels), target(idx)
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.unbatch().map(
             lambda i: (
                 preprocess(source.tf_load(i), image_size, channels),
-                tf.gather(label_table, i),
+                target(i),
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
