@@ -157,7 +157,14 @@ def test_summary_table_and_verdicts():
         "contrastive (30.0 ± "
         "14.1): no clear gain (within 2 std), MAP@R +10.0 (2 std = 31.6)."
     ) in text
+    # one seed on a side: no verdict, whatever the gap
     assert "IAA + contrastive (90.0 ± 0.0) vs its base" in text
+    assert "no verdict (needs >= 2 seeds on both sides)" in text
+    raw["iaa_contrastive"][1] = {
+        "seed": 1,
+        "metrics": dict.fromkeys(bench.METRICS, 0.9),
+    }
+    text = "\n".join(bench.comparisons(bench.summarize(raw)))
     assert "GAIN (> 2 std), MAP@R +60.0 (2 std = 28.3)" in text
 
 

@@ -489,7 +489,9 @@ def comparisons(summary):
         # std of the difference of two independent seed means' samples
         sd = float(np.hypot(s, bs))
         gain = m - bm
-        if gain > 2 * sd:
+        if min(stats["n"], summary[base]["n"]) < 2:
+            verdict = "no verdict (needs >= 2 seeds on both sides)"
+        elif gain > 2 * sd:
             verdict = "GAIN (> 2 std)"
         elif gain < -2 * sd:
             verdict = "LOSS (> 2 std)"
