@@ -1,4 +1,4 @@
-"""train.py with a cross-batch memory logs xbm_drift from stable image ids."""
+"""train.py: xbm_drift from stable image ids; history before checkpoint."""
 
 import csv
 import os
@@ -32,3 +32,32 @@ def test_memory_run_logs_drift_to_own_stored_copy(tmp_path):
     # images re-drawn within the memory's span have a stored copy: the
     # metric is measured (0 only when no batch row ever met its copy)
     assert np.any(drift != 0.0), drift
+
+
+def test_history_row_is_written_before_the_checkpoint(tmp_path, monkeypatch):
+    """When state.json records epoch e, history.csv already holds rows
+    0..e-1, so a kill -9 right after a checkpoint loses no history row."""
+    from tfdml import train_lib
+
+    seen = []
+    save = train_lib.Checkpointer.save
+
+    def checked_save(self, epoch, state):
+        path = os.path.join(os.path.dirname(self.directory), "history.csv")
+        rows = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [int(r["epoch"]) for r in csv.DictReader(f)]
+        seen.append((epoch, rows))
+        return save(self, epoch, state)
+
+    monkeypatch.setattr(train_lib.Checkpointer, "save", checked_save)
+    overrides = [
+        f"train.run_dir={tmp_path / 'run'}",
+        "train.deterministic=false",
+        "train.verbose=0",
+        "eval.plots=false",
+    ]
+    args = ["--config", SMOKE] + sum((["--set", o] for o in overrides), [])
+    assert train.main(args) == 0
+    assert seen == [(e, list(range(e))) for e in (1, 2, 3)], seen

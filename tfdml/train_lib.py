@@ -1364,12 +1364,15 @@ def _callbacks(cfg, built, parts, run_dir, state, checkpointer):
                 state,
             )
         )
-    cbs.append(EpochCheckpoint(checkpointer, state))
+    # The history row is written before the checkpoint records the epoch:
+    # a kill -9 between the two then re-runs the epoch (trim_history drops
+    # its row) instead of resuming after an epoch whose row was never written.
     cbs.append(
         keras.callbacks.CSVLogger(
             os.path.join(run_dir, "history.csv"), append=True
         )
     )
+    cbs.append(EpochCheckpoint(checkpointer, state))
     cbs.append(keras.callbacks.TensorBoard(os.path.join(run_dir, "tb")))
     return cbs
 
