@@ -6,7 +6,7 @@ import keras
 import numpy as np
 
 import tfdml.models  # noqa: F401  (registers the encoder's layers)
-import train
+from tests.test_train import _run as smoke_run
 from tfdml import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,22 +29,9 @@ def _source(root, name="best_encoder.keras", embedding_dim=16):
 
 
 def _run(run_dir, *overrides):
-    return train.main(
-        [
-            "--config",
-            SMOKE,
-            "--set",
-            f"train.run_dir={run_dir}",
-            "--set",
-            "train.deterministic=false",
-            "--set",
-            "train.verbose=0",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "train.steps_per_epoch=1",
-            *sum((["--set", o] for o in overrides), []),
-        ]
+    """A one-step smoke run (tests.test_train._run with a tiny budget)."""
+    return smoke_run(
+        run_dir, "train.epochs=1", "train.steps_per_epoch=1", *overrides
     )
 
 

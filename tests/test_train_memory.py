@@ -5,24 +5,13 @@ import os
 
 import numpy as np
 
-import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+from tests.test_train import _run
 
 
 def test_memory_run_logs_drift_to_own_stored_copy(tmp_path):
     run_dir = tmp_path / "run"
-    overrides = [
-        f"train.run_dir={run_dir}",
-        "train.deterministic=false",
-        "train.verbose=0",
-        "eval.plots=false",
-        # 64 slots hold 4 batches: later batches meet their own copies
-        "memory.size=64",
-    ]
-    args = ["--config", SMOKE] + sum((["--set", o] for o in overrides), [])
-    assert train.main(args) == 0
+    # 64 slots hold 4 batches: later batches meet their own copies
+    assert _run(run_dir, "eval.plots=false", "memory.size=64") == 0
     with open(run_dir / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and "xbm_drift" in rows[0], sorted(rows[0])
@@ -52,12 +41,5 @@ def test_history_row_is_written_before_the_checkpoint(tmp_path, monkeypatch):
         return save(self, epoch, state)
 
     monkeypatch.setattr(train_lib.Checkpointer, "save", checked_save)
-    overrides = [
-        f"train.run_dir={tmp_path / 'run'}",
-        "train.deterministic=false",
-        "train.verbose=0",
-        "eval.plots=false",
-    ]
-    args = ["--config", SMOKE] + sum((["--set", o] for o in overrides), [])
-    assert train.main(args) == 0
+    assert _run(tmp_path / "run", "eval.plots=false") == 0
     assert seen == [(e, list(range(e))) for e in (1, 2, 3)], seen
