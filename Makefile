@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LINT_PATHS := tfdml tests train.py export benchmarks tools
+# oneDNN (fast CPU kernels) for every target unless set: TF 2.20 leaves it off
+# on AVX2 CPUs, about 2x slower training (docs/benchmarks.md, "oneDNN").
+export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 .PHONY: test lint format demo clean-venv data-packages
 

@@ -13,6 +13,10 @@ success, 2 for a bad config (nothing is written), 3 when the loss became NaN
 import argparse
 import sys
 
+from tfdml._cpu import enable_onednn
+
+enable_onednn()  # oneDNN on before TensorFlow is imported: tfdml/_cpu.py
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(

@@ -27,7 +27,10 @@ import time
 
 import numpy as np
 
+from tfdml._cpu import enable_onednn
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
 
 
 def rss_mb():

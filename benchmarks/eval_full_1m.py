@@ -14,7 +14,10 @@ import os
 import sys
 import time
 
+from tfdml._cpu import enable_onednn
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eval import PeakRSS  # noqa: E402

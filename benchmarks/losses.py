@@ -17,7 +17,10 @@ import os
 import platform
 import time
 
+from tfdml._cpu import enable_onednn
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -11,7 +11,11 @@ Writes ``quality_<dataset>.md`` (table), ``.png`` (bar plot) and ``.json``
 
 import sys
 
-from tfdml.bench import main
+from tfdml._cpu import enable_onednn
+
+enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+
+from tfdml.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,10 @@ when RUN_DIR is not a tfdml run. Writes
 import argparse
 import sys
 
+from tfdml._cpu import enable_onednn
+
+enable_onednn()  # oneDNN on before TensorFlow is imported: tfdml/_cpu.py
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -7,7 +7,10 @@ Subpackages load on first use: ``tfdml.losses``, ``tfdml.mining``,
 
 import importlib
 
+from tfdml import _cpu
 from tfdml.version import __version__  # noqa: F401
+
+_cpu.on_import()  # oneDNN on unless TF is already imported (then: check)
 
 _SUBPACKAGES = (
     "augment",

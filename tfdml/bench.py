@@ -809,4 +809,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from tfdml._cpu import enable_onednn
+
+    enable_onednn()  # oneDNN on before TensorFlow is imported: tfdml/_cpu.py
     sys.exit(main())

@@ -170,4 +170,7 @@ def _table(report, served):
 
 
 if __name__ == "__main__":
+    from tfdml._cpu import enable_onednn
+
+    enable_onednn()  # oneDNN on before TensorFlow is imported: tfdml/_cpu.py
     sys.exit(main())
