@@ -1,10 +1,12 @@
 """tfdml and pytorch-metric-learning side by side: the same model, data,
-batches and budget; one table of test-set retrieval quality.
+batches and budget; one table of test-set retrieval quality (default) or of
+timings (``--speed``).
 
-The peer is never a tfdml dependency. Install it once, in its own venv::
+The peer is never a tfdml dependency. Install it once, in its own venv
+(faiss-cpu: PML's default ``AccuracyCalculator`` searches with it)::
 
-  python3 -m venv .venv-pml
-  .venv-pml/bin/pip install torch==2.13.0 pytorch-metric-learning==2.9.0
+  python3 -m venv .venv-pml && .venv-pml/bin/pip install \\
+      torch==2.13.0 pytorch-metric-learning==2.9.0 faiss-cpu
 
 Then (the full CJK set needs ``bash tools/install_fonts.sh --full`` as root;
 ``--dataset cjk_glyphs/small`` works with the default packages)::
@@ -46,8 +48,17 @@ Protocol (fixed, both frameworks):
   trained, and after ``tfdml.models.recalibrate_batchnorm`` on 8 training
   batches (tfdml's default in ``train.py``).
 
-Each trainer runs in a fresh process; ``--rounds`` > 1 alternates them
-(A B A B) and reports per-round times too.
+Each trainer runs in a fresh process.
+
+Speed (``benchmarks/speed_pml.py`` has the protocol; ``--speed --help``
+the options): losses, evaluation, embedding and a training step, each
+framework in fresh processes, alternating, ``--rounds`` rounds, per-round
+and median times and ratios::
+
+  .venv/bin/python benchmarks/vs_pml.py --speed \\
+      --pml-python .venv-pml/bin/python --parts losses,eval,embed,train \\
+      --rounds 3 --out benchmarks/results
+  .venv/bin/python benchmarks/vs_pml.py --speed --quick --skip-pml  # smoke
 """
 
 import argparse
@@ -246,16 +257,10 @@ def run_tfdml(inputs, method, seed, out):
 # -- the PML trainer (PML venv, own process; imports no TF) -----------------
 
 
-def run_pml(inputs, method, seed, out):
+def pml_model():
+    """The same CNN in PyTorch (raw outputs; L2-normalise them)."""
     import torch
-    from pytorch_metric_learning import losses
-    from pytorch_metric_learning import miners
 
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    z = np.load(inputs)
-    images = torch.from_numpy(z["images"]).unsqueeze(1)  # N, 1, H, W uint8
-    labels = torch.from_numpy(z["labels"])
     layers, c_in = [], 1
     for w in WIDTHS:
         layers += [
@@ -270,20 +275,39 @@ def run_pml(inputs, method, seed, out):
         torch.nn.Flatten(),
         torch.nn.Linear(c_in, EMBEDDING_DIM),
     ]
-    model = torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers)
+
+
+def pml_loss(method):
+    """(PML loss, miner or None) of a method in ``PML_METHODS``."""
+    from pytorch_metric_learning import losses
+    from pytorch_metric_learning import miners
+
     if method == "ms":
-        loss_fn = losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)
-        miner = miners.MultiSimilarityMiner(epsilon=0.1)
-    elif method == "contrastive":
-        loss_fn = losses.ContrastiveLoss(pos_margin=0, neg_margin=1)
-        miner = None
-    elif method == "triplet":
-        loss_fn = losses.TripletMarginLoss(margin=0.2)
-        miner = miners.TripletMarginMiner(
-            margin=0.2, type_of_triplets="semihard"
+        return (
+            losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5),
+            miners.MultiSimilarityMiner(epsilon=0.1),
         )
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    if method == "contrastive":
+        return losses.ContrastiveLoss(pos_margin=0, neg_margin=1), None
+    if method == "triplet":
+        return (
+            losses.TripletMarginLoss(margin=0.2),
+            miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"),
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_pml(inputs, method, seed, out):
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    z = np.load(inputs)
+    images = torch.from_numpy(z["images"]).unsqueeze(1)  # N, 1, H, W uint8
+    labels = torch.from_numpy(z["labels"])
+    model = pml_model()
+    loss_fn, miner = pml_loss(method)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     t0 = time.time()
@@ -397,6 +421,11 @@ def parse_args(argv):
     p.add_argument("--skip-pml", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default=None)
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="timings instead of quality (options: --speed --help)",
+    )
     # internal: one trainer in its own process
     p.add_argument("--worker", choices=["tfdml", "pml"], default=None)
     p.add_argument("--inputs")
@@ -407,7 +436,14 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--speed" in argv:
+        if HERE not in sys.path:
+            sys.path.insert(0, HERE)
+        import speed_pml
+
+        return speed_pml.main([a for a in argv if a != "--speed"])
+    args = parse_args(argv)
     if args.worker:
         run = run_tfdml if args.worker == "tfdml" else run_pml
         run(args.inputs, args.method, args.worker_seed, args.worker_out)
