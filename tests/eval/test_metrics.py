@@ -307,3 +307,116 @@ def test_nmi_ami():
     assert m2["nmi"] < 0.2
     with pytest.raises(ValueError, match="n_clusters"):
         nmi_ami(x, y, n_clusters=0)
+
+
+# -- the top-R path (metrics without map / mrr) ------------------------------
+
+TOP = ("recall", "precision@1", "r_precision", "map@r")
+
+
+def _top_cases():
+    x, y = clustered(0, 97, 9, 6, noise=1.5)
+    yield (x, y), dict(ks=(1, 3, 5, 50)), {}
+    q, ql = clustered(1, 40, 6, 5)
+    r, rl = clustered(2, 71, 8, 5)
+    ql[:3] = 99
+    yield (q, ql, r, rl), dict(ks=(1, 2, 30, 100)), {}
+    rng = np.random.default_rng(3)
+    d = rng.integers(-1, 2, size=(60, 3)).astype(np.float32)
+    d[np.abs(d).sum(1) == 0] = [1, 0, 0]
+    dl = rng.integers(0, 4, 60)
+    yield (d, dl), dict(normalize=False), {}
+    yield (d, dl, d[::-1].copy(), dl[::-1].copy()), dict(normalize=False), {}
+    same = np.ones((10, 4), np.float32)
+    yield (same, np.array([0, 1, 0, 1, 1, 0, 2, 2, 0, 1])), {}, {}
+    x, y = clustered(8, 90, 7, 5, noise=1.2)
+    pick = np.array([3, 17, 0, 88, 41, 41, 60])
+    yield (x[pick], y[pick], x, y), {}, dict(query_ids=pick)
+    q, ql = clustered(5, 30, 4, 5)
+    rl = ql.copy()
+    rl[::4] = (rl[::4] + 1) % 4
+    yield (q, ql, q + 0.01, rl), {}, dict(exclude_self=True)
+    x, _ = clustered(4, 12, 3, 4)
+    yield (x, np.array([0, 0, 0, 1, 2, 3, 1, 1, 4, 5, 6, 6])), {}, {}
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 16])
+@pytest.mark.parametrize("block", [1024, 5])
+def test_top_path_matches_reference(monkeypatch, group, block):
+    # group > 1: the grouped selection (every case large enough for it);
+    # the dyadic cases hold many exact ties across group boundaries.
+    from tfdml.eval import metrics as m
+
+    monkeypatch.setattr(m, "_TOPK_GROUP", group)
+    monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    for args, common, extra in _top_cases():
+        want = reference(*args, **common, **extra)
+        got = retrieval_metrics(
+            *args, **common, **extra, metrics=TOP, block_size=block
+        )
+        want = {k: v for k, v in want.items() if k not in ("map", "mrr")}
+        assert_same(got, want)
+
+
+def test_top_path_is_used_and_agrees_with_the_rank_path(monkeypatch):
+    # Default settings on a set large enough for the grouped selection:
+    # the shared metrics are identical; map / mrr take the rank path.
+    from tfdml.eval import metrics as m
+
+    x, y = clustered(11, 3000, 40, 16, noise=1.0)
+    calls = []
+    real = m._ranks_exact
+    monkeypatch.setattr(
+        m, "_ranks_exact", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    top = retrieval_metrics(x, y, metrics=TOP)
+    assert not calls
+    full = retrieval_metrics(x, y)
+    assert calls
+    assert 0.05 < top["map@r"] < 0.95
+    for key, v in top.items():
+        assert full[key] == v, key
+    only = retrieval_metrics(x, y, metrics=("map", "recall@3"))
+    assert set(only) == {"map", "recall@3", "num_queries", "num_excluded"}
+    assert only["map"] == full["map"]
+
+
+def test_metrics_names():
+    x, y = clustered(6, 30, 3, 4)
+    got = retrieval_metrics(x, y, ks=(2, 5), metrics=["recall", "map@r"])
+    assert set(got) == {
+        "recall@2",
+        "recall@5",
+        "map@r",
+        "num_queries",
+        "num_excluded",
+    }
+    got = retrieval_metrics(x, y, metrics="recall@7")
+    assert set(got) == {"recall@7", "num_queries", "num_excluded"}
+    for bad in ("map@", "recall@0", "recall@x", "ndcg"):
+        with pytest.raises(ValueError, match="metrics"):
+            retrieval_metrics(x, y, metrics=[bad])
+    with pytest.raises(ValueError, match="metrics"):
+        retrieval_metrics(x, y, metrics=[])
+
+
+def test_top_path_padding_group_takes_no_needed_slot(monkeypatch):
+    # 40 references in groups of 3: the last group is 1 reference and 2
+    # padding rows, which score 0 and beat every (negative) real score. The
+    # top 5 lie in 5 different groups, so the padding group must not take
+    # one of their slots: the relevant reference is the 5th best.
+    from tfdml.eval import metrics as m
+
+    monkeypatch.setattr(m, "_TOPK_GROUP", 3)
+    monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    i = np.arange(40)
+    score = np.where(i % 3 == 0, -1.0 - 0.001 * i, -5.0)
+    r = np.stack([score, np.zeros(40)], 1).astype(np.float32)
+    rl = np.where(i == 12, 1, 2)
+    q = np.array([[1.0, 0.0]], np.float32)
+    got = retrieval_metrics(
+        q, [1], r, rl, normalize=False, metrics=("recall@5", "recall@4")
+    )
+    want = reference(q, [1], r, rl, ks=(4, 5), normalize=False)
+    assert want["recall@5"] == 1.0 and want["recall@4"] == 0.0
+    assert got["recall@5"] == 1.0 and got["recall@4"] == 0.0

@@ -33,6 +33,16 @@ scores; a ``bincount`` of these positions, accumulated over chunks, gives
 the exact rank of every relevant reference (the ranks give every metric,
 ``map`` and ``mrr`` included, which a top-k list could not). Memory is
 ``O(query_block * (ref_block + R_max * d))`` plus the inputs.
+
+Top-R path (``metrics`` without ``map`` and ``mrr``): ``recall@K``,
+``precision@1``, ``r_precision`` and ``map@r`` only look at each query's
+first ``k = max(R_max, K_max)`` references, so the exact top k (same tie
+rule) is enough: per block of queries the scores against all references are
+cut into groups of 16 consecutive references, the ``k + 1`` groups with the
+largest maxima are kept (they hold the top k) and only their scores are
+ranked. Cost: the matrix product, one max pass and a top-k over ``N / 16``
+columns; no compilation. Memory ``O(query_block * N)`` (bounded to 2**25
+scores per block).
 """
 
 import numpy as np
@@ -485,6 +495,171 @@ def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
     return out
 
 
+# -- the top-R path: metrics that only look at the first max(R, K) ranks ----
+
+# Metrics the top-k path computes exactly (``recall@K`` too).
+_TOP_METRICS = ("precision@1", "r_precision", "map@r")
+_RANK_METRICS = ("map", "mrr")
+
+# Memory bound of one [query block, references] score block (floats).
+_SCORE_BUDGET = 1 << 25
+
+# References per group of the selection (see :func:`_topk_block`).
+_TOPK_GROUP = 16
+
+# Groups are used when there are at least ratio * (k + 1) of them (else a
+# plain top-k over the row: small sets, or k a large part of N).
+_TOPK_MIN_RATIO = 4
+
+
+def _resolve_metrics(metrics, ks):
+    """(ks, names) of the metrics to return; names in a fixed order."""
+    if metrics is None:
+        return ks, tuple(f"recall@{k}" for k in ks) + _TOP_METRICS + (
+            _RANK_METRICS
+        )
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    names, rk = [], []
+    for m in metrics:
+        m = str(m)
+        if m == "recall":
+            rk.extend(ks)
+        elif m.startswith("recall@"):
+            try:
+                k = int(m[len("recall@") :])
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise ValueError(
+                    f"`metrics`: bad name {m!r} (recall@K, K >= 1)."
+                )
+            rk.append(k)
+        elif m in _TOP_METRICS + _RANK_METRICS:
+            names.append(m)
+        else:
+            raise ValueError(
+                f"`metrics`: unknown name {m!r}; known: 'recall' (every K of "
+                "`ks`), 'recall@K', "
+                + ", ".join(repr(n) for n in _TOP_METRICS + _RANK_METRICS)
+                + "."
+            )
+    rk = tuple(sorted(set(rk)))
+    order = tuple(f"recall@{k}" for k in rk) + tuple(
+        n for n in _TOP_METRICS + _RANK_METRICS if n in names
+    )
+    if not order:
+        raise ValueError("`metrics` must name at least one metric.")
+    return (rk or ks), order
+
+
+@tf.function(reduce_retracing=True)
+def _topk_block(q, refs, n, kk, group):
+    """Top ``kk`` of the first ``n`` references for each query, ordered by
+    (score desc, index asc).
+
+    ``group`` > 1: ``refs`` is padded with zero rows to a multiple of
+    ``group``. The row's scores are cut into groups of ``group``
+    consecutive references; the top ``kk`` elements lie in the ``kk``
+    groups with the largest maxima (ties: lower group first), plus one slot
+    for the last group, whose padding scores 0. Only these groups' scores
+    are ranked: a reduce-max pass and a top-k over ``N / group`` columns
+    replace a top-k over ``N``. The groups are gathered in index order and
+    ``tf.math.top_k`` is stable, so equal scores keep the lower reference
+    index first.
+    """
+    s = tf.matmul(q, refs, transpose_b=True)  # [B, N (padded)]
+    if group <= 1:
+        top, cols = tf.math.top_k(s, k=kk)
+        return cols, top
+    b = tf.shape(s)[0]
+    maxima = tf.reduce_max(tf.reshape(s, [b, -1, group]), axis=2)
+    _, chosen = tf.math.top_k(maxima, k=kk + 1)
+    chosen = tf.sort(chosen, axis=1)
+    cols = chosen[:, :, None] * group + tf.range(group)[None, None, :]
+    cols = tf.reshape(cols, [b, -1])
+    vals = tf.gather(s, cols, batch_dims=1)
+    vals = tf.where(cols < n, vals, -np.inf)
+    top, pos = tf.math.top_k(vals, k=kk)
+    return tf.gather(cols, pos, batch_dims=1), top
+
+
+def _topk_neighbors(q, r, self_idx, k, block_size, group=None):
+    """[Nq, k] reference indices of each query's top k, self removed."""
+    n = len(r)
+    extra = int(np.any(self_idx >= 0))
+    kk = min(k + extra, n)
+    group = _TOPK_GROUP if group is None else int(group)
+    if n // max(group, 1) < _TOPK_MIN_RATIO * (kk + 1):
+        group = 1
+    if group > 1 and n % group:
+        r = np.concatenate(
+            [r, np.zeros((group - n % group, r.shape[1]), r.dtype)]
+        )
+    bq = max(1, min(int(block_size), _SCORE_BUDGET // max(len(r), 1)))
+    refs = tf.constant(r)
+    out = np.empty((len(q), kk), np.int64)
+    for b0 in range(0, len(q), bq):
+        cols, _ = _topk_block(
+            tf.constant(q[b0 : b0 + bq]),
+            refs,
+            tf.constant(n),
+            tf.constant(kk),
+            group,
+        )
+        out[b0 : b0 + bq] = cols.numpy()
+    if extra:
+        keep = out != self_idx[:, None]
+        order = np.argsort(~keep, axis=1, kind="stable")
+        out = np.take_along_axis(out, order, axis=1)
+        # A row without its own index among the kk keeps its first kk - 1.
+        out = out[:, : kk - 1]
+    return out[:, :k]
+
+
+def _metrics_from_relevance(rel, num_relevant, names):
+    """The ``names`` metrics of boolean top-k relevance rows (k >= R)."""
+    big_r = np.asarray(num_relevant)
+    keep = big_r > 0
+    rel, big_r = rel[keep], big_r[keep].astype(np.float64)
+    n = len(big_r)
+
+    def mean(v):
+        return float(np.mean(v)) if n else float("nan")
+
+    pos = np.arange(1, rel.shape[1] + 1)[None, :]
+    within_r = pos <= big_r[:, None]
+    p_at = np.cumsum(rel, axis=1) / pos
+    out = {}
+    for name in names:
+        if name.startswith("recall@"):
+            out[name] = mean(rel[:, : int(name[7:])].any(1))
+        elif name == "precision@1":
+            out[name] = mean(rel[:, 0]) if rel.shape[1] else float("nan")
+        elif name == "r_precision":
+            out[name] = mean((rel & within_r).sum(1) / big_r)
+        elif name == "map@r":
+            out[name] = mean(np.where(rel & within_r, p_at, 0).sum(1) / big_r)
+    out["num_queries"] = int(n)
+    out["num_excluded"] = int((~keep).sum())
+    return out
+
+
+def _metrics_topk(q, ql, r, rl, self_idx, names, block_size, group=None):
+    """Exact top-R metrics from each query's first max(R_max, K) refs."""
+    _, _, _, big_r, _ = _class_tables(ql, rl, self_idx)
+    extra = int(np.any(self_idx >= 0))
+    ks = [int(m[7:]) for m in names if m.startswith("recall@")]
+    need = max([int(big_r.max()) if len(big_r) else 0, 1] + ks)
+    k = max(1, min(need, len(r) - extra))
+    if len(r) - extra < 1:
+        rel = np.zeros((len(q), 1), bool)
+    else:
+        nb = _topk_neighbors(q, r, self_idx, k, block_size, group)
+        rel = (nb >= 0) & (rl[np.maximum(nb, 0)] == ql[:, None])
+    return _metrics_from_relevance(rel, big_r, names)
+
+
 def _scann_metrics(q, ql, r, rl, self_idx, ks, sample, seed, scann_kw):
     from tfdml.eval.index import BruteForceIndex
     from tfdml.eval.index import ScaNNIndex
@@ -545,6 +720,7 @@ def retrieval_metrics(
     recall_at=None,
     sparse_limit=_SPARSE_LIMIT,
     query_ids=None,
+    metrics=None,
 ):
     """Retrieval metrics of a query set against a reference set.
 
@@ -578,15 +754,29 @@ def retrieval_metrics(
       sparse_limit: per chunk, the most (candidate negative x R_max)
         comparisons done sparsely before the dense path is used (both are
         exact; a tuning knob).
+      metrics: the metrics to compute, or None for all of them. Names:
+        ``"recall"`` (``recall@K`` for every K of ``ks``), ``"recall@K"``
+        (any K; ``ks`` is then ignored), ``"precision@1"``,
+        ``"r_precision"``, ``"map@r"``, ``"map"``, ``"mrr"``. Without
+        ``map`` and ``mrr`` (which need the rank of every relevant
+        reference) the exact metrics come from each query's first
+        ``max(R, K)`` references, several times faster.
 
     Returns:
       dict with ``recall@K`` for each K, ``precision@1``, ``r_precision``,
-      ``map@r``, ``map``, ``mrr`` (floats, NaN when no query is usable),
-      ``num_queries`` and ``num_excluded``.
+      ``map@r``, ``map``, ``mrr`` (floats, NaN when no query is usable;
+      only those of ``metrics`` when it is given), ``num_queries`` and
+      ``num_excluded``.
     """
     if recall_at is not None:
         ks = recall_at
     ks = _check_ks(ks)
+    ks, names = _resolve_metrics(metrics, ks)
+
+    def pick(out):
+        keep = set(names) | {"num_queries", "num_excluded"}
+        return {k: v for k, v in out.items() if k in keep or "index_" in k}
+
     if int(block_size) < 1:
         raise ValueError(f"`block_size` must be >= 1; received {block_size}.")
     if int(ref_block_size) < 1:
@@ -604,7 +794,9 @@ def retrieval_metrics(
     )
     if method == "exact":
         if len(q) == 0:
-            return metrics_from_ranks(np.zeros((0, 1)), np.zeros(0), ks)
+            return pick(metrics_from_ranks(np.zeros((0, 1)), np.zeros(0), ks))
+        if not set(names) & set(_RANK_METRICS):
+            return _metrics_topk(q, ql, r, rl, ex, names, int(block_size))
         ranks, big_r = _ranks_exact(
             q,
             ql,
@@ -615,10 +807,12 @@ def retrieval_metrics(
             int(ref_block_size),
             int(sparse_limit),
         )
-        return metrics_from_ranks(ranks, big_r, ks)
+        return pick(metrics_from_ranks(ranks, big_r, ks))
     if method == "scann":
-        return _scann_metrics(
-            q, ql, r, rl, ex, ks, int(scann_sample), seed, scann_options
+        return pick(
+            _scann_metrics(
+                q, ql, r, rl, ex, ks, int(scann_sample), seed, scann_options
+            )
         )
     raise ValueError(
         f"`method` must be 'exact' or 'scann'; received {method!r}."
