@@ -145,6 +145,14 @@ CASES = {
         lambda t: (SYNTHETIC, ["eval.monitor=recall@8"]),
         "eval.monitor",
     ),
+    "metrics_unknown_name": (
+        lambda t: (SYNTHETIC, ["eval.metrics=[map@r, ndcg]"]),
+        "eval.metrics",
+    ),
+    "metrics_not_a_list": (
+        lambda t: (SYNTHETIC, ["eval.metrics=map@r"]),
+        "eval.metrics",
+    ),
     "synthetic_one_image_per_class": (
         lambda t: (SYNTHETIC, ["data.examples_per_class=1"]),
         "data.examples_per_class",
@@ -241,6 +249,13 @@ def test_monitor_accepts_every_produced_metric():
     for name in ("map@r", "map", "mrr", "precision@1", "r_precision"):
         cfg["eval"]["monitor"] = name
         train_lib.validate_objects(cfg)
+        # the monitor is always computed (map / mrr on the rank path)
+        assert name in train_lib.eval_metrics(cfg)
+    cfg["eval"]["monitor"] = "map@r"
+    assert "map" not in train_lib.monitor_metrics(cfg)
+    cfg["eval"]["metrics"] = ["map", "recall"]
+    names = train_lib.monitor_metrics(cfg)
+    assert "map" in names and "map@r" in names and "mrr" not in names
     for k in cfg["eval"]["recall_at"]:
         cfg["eval"]["monitor"] = f"recall@{k}"
         train_lib.validate_objects(cfg)

@@ -170,6 +170,18 @@ def _nonempty_ints_ge(lo):
     return check
 
 
+def _metric_names(v):
+    from tfdml.eval.metrics import _resolve_metrics
+
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        return "must be a list of metric names"
+    try:
+        _resolve_metrics(v, (1,))
+    except ValueError as e:
+        return str(e).replace("`metrics`: ", "")
+    return None
+
+
 def _increasing_ints(v):
     msg = _ints_ge(1)(v)
     if msg:
@@ -313,6 +325,15 @@ SCHEMA = {
             doc="validation metric for best_encoder.keras (without val_)",
         ),
         "recall_at": Field(list, [1, 2, 4, 8], _nonempty_ints_ge(1)),
+        "metrics": Field(
+            list,
+            ["recall", "precision@1", "r_precision", "map@r"],
+            _metric_names,
+            doc="validation / test metrics (tfdml.eval.retrieval_metrics "
+            "names; 'recall' = recall@K for K in recall_at); eval.monitor is "
+            "always added. 'map' and 'mrr' need every relevant item's rank "
+            "(a slower path)",
+        ),
         "index": Field(str, "bruteforce", _choice("bruteforce", "scann")),
         "batch_size": Field(int, 128, _ge(1)),
         "plots": Field(bool, True),
