@@ -669,16 +669,31 @@ def _validate_encoder_kwargs(cfg, kwargs):
         )
 
 
+def eval_metrics(cfg):
+    """``eval.metrics`` plus ``eval.monitor`` (when it is a metric name):
+    the ``metrics=`` of every validation and test evaluation."""
+    from tfdml.eval.metrics import _resolve_metrics
+
+    ev = cfg["eval"]
+    names = list(ev["metrics"])
+    every = _resolve_metrics(
+        ["recall", "precision@1", "r_precision", "map@r", "map", "mrr"],
+        tuple(ev["recall_at"]),
+    )[1]
+    if ev["monitor"] in every and ev["monitor"] not in names:
+        names.append(ev["monitor"])
+    return names
+
+
 def monitor_metrics(cfg):
     """The ``val_*`` metric names the validation callback produces
     (without ``val_``): what :func:`tfdml.eval.retrieval_metrics` returns
-    for ``eval.recall_at``, counts excluded."""
-    from tfdml.eval import metrics_from_ranks
+    for ``eval.metrics`` and ``eval.recall_at``, counts excluded."""
+    from tfdml.eval.metrics import _resolve_metrics
 
-    produced = metrics_from_ranks(
-        np.zeros((0, 1)), np.zeros(0), cfg["eval"]["recall_at"]
+    return list(
+        _resolve_metrics(eval_metrics(cfg), tuple(cfg["eval"]["recall_at"]))[1]
     )
-    return [k for k, v in produced.items() if isinstance(v, float)]
 
 
 def _validate_monitor(cfg):
@@ -1593,6 +1608,7 @@ def validation_callback(cfg, built, parts):
         metric_options={
             "method": "scann" if ev["index"] == "scann" else "exact",
             "seed": cfg["train"]["seed"],
+            "metrics": eval_metrics(cfg),
         },
         recalibrate_data=recal_ds,
         recalibrate_batches=recal_n,
@@ -1622,6 +1638,7 @@ def evaluate_split(cfg, encoder, ds):
         recall_at=cfg["eval"]["recall_at"],
         method="scann" if cfg["eval"]["index"] == "scann" else "exact",
         seed=cfg["train"]["seed"],
+        metrics=eval_metrics(cfg),
     )
     return {k: _plain(v) for k, v in metrics.items()}, emb, y
 
