@@ -1616,15 +1616,12 @@ def validation_callback(cfg, built, parts):
 
 
 def embed_dataset(encoder, ds):
-    """``(embeddings float32 [N, d], labels int32 [N])`` of a dataset."""
-    import tensorflow as tf
+    """``(embeddings float32 [N, d], labels int32 [N])`` of a dataset of
+    ``(images, labels)`` batches (:func:`tfdml.eval.embed`)."""
+    from tfdml.eval.embed import embed
 
-    fn = tf.function(lambda x: encoder(x, training=False)["embeddings"])
-    embs, labels = [], []
-    for x, y in ds:
-        embs.append(np.asarray(fn(x), np.float32))
-        labels.append(np.asarray(y, np.int32).reshape(-1))
-    return np.concatenate(embs), np.concatenate(labels)
+    emb, y = embed(encoder, ds, batched=True, return_labels=True)
+    return emb, np.asarray(y, np.int32).reshape(-1)
 
 
 def evaluate_split(cfg, encoder, ds):

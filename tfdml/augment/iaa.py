@@ -975,19 +975,24 @@ class IAARefresh(keras.callbacks.Callback):
         )
 
     def _encoder_fn(self):
+        """``images -> raw`` through the shared compiled forward pass of
+        :func:`tfdml.eval.embedding_function` (one tf.function per encoder,
+        mode and image shape; batch sizes do not retrace). ``bn_mode=
+        "training"``: ``encoder.stateless_call(..., training=True)``, the
+        updated non-trainable state (BN moving statistics, seed counters)
+        discarded; ``"inference"``: ``encoder(x, training=False)``. The
+        refresh keeps its own loop (not :func:`tfdml.eval.embed`): it
+        streams its sample batch by batch into the estimator."""
+        from tfdml.eval.embed import embedding_function
+
         encoder = self.model.encoder
-        if self.bn_mode == "inference":
-            return tf.function(lambda x: encoder(x, training=False)["raw"])
+        training = self.bn_mode == "training"
 
         def encode(x):
-            # Training-mode forward pass; the updated non-trainable state
-            # (BN moving statistics, seed counters) is discarded.
-            trainable = [v.value for v in encoder.trainable_variables]
-            frozen = [v.value for v in encoder.non_trainable_variables]
-            out, _ = encoder.stateless_call(trainable, frozen, x, training=True)
-            return out["raw"]
+            fn = embedding_function(encoder, x, training=training, output="raw")
+            return fn(x)
 
-        return tf.function(encode)
+        return encode
 
     def sample_batches(self):
         """Yields ``(images, labels)`` of the bounded sample, in batches of

@@ -1,6 +1,9 @@
-"""Retrieval evaluation: exact metrics, indexes, a Keras callback, plots."""
+"""Retrieval evaluation: embedding, exact metrics, indexes, a Keras callback,
+plots."""
 
 from tfdml.eval.callbacks import RetrievalEvaluationCallback  # noqa: F401
+from tfdml.eval.embed import embed  # noqa: F401
+from tfdml.eval.embed import embedding_function  # noqa: F401
 from tfdml.eval.index import BruteForceIndex  # noqa: F401
 from tfdml.eval.index import ScaNNIndex  # noqa: F401
 from tfdml.eval.metrics import metrics_from_neighbors  # noqa: F401

@@ -4,18 +4,8 @@ import numpy as np
 import tensorflow as tf
 from keras import callbacks
 
+from tfdml.eval.embed import embed
 from tfdml.eval.metrics import retrieval_metrics
-
-
-def _embeddings_of(out):
-    if isinstance(out, dict):
-        if "embeddings" not in out:
-            raise ValueError(
-                "The model output dict has no 'embeddings' key; received "
-                f"keys {sorted(out)}."
-            )
-        out = out["embeddings"]
-    return np.asarray(out, dtype=np.float32)
 
 
 class RetrievalEvaluationCallback(callbacks.Callback):
@@ -111,18 +101,14 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         return self.encoder if self.encoder is not None else self.model
 
     def embed(self):
+        """``(embeddings float32 [N, d], labels int64 [N])`` of the
+        evaluation data (:func:`tfdml.eval.embed`, inference mode)."""
         net = self._net()
-        embs, labels = [], []
         if self._ds is not None:
-            for x, y in self._ds:
-                embs.append(_embeddings_of(net(x, training=False)))
-                labels.append(np.asarray(y).reshape(-1))
+            emb, y = embed(net, self._ds, batched=True, return_labels=True)
         else:
-            for i in range(0, len(self._x), self.batch_size):
-                xb = self._x[i : i + self.batch_size]
-                embs.append(_embeddings_of(net(xb, training=False)))
-            labels = [self._y]
-        return np.concatenate(embs), np.concatenate(labels).astype(np.int64)
+            emb, y = embed(net, self._x, self.batch_size), self._y
+        return emb, np.asarray(y).reshape(-1).astype(np.int64)
 
     def recalibrate(self):
         """Precise BN on ``recalibrate_data`` (no-op when it is None)."""

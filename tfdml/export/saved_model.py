@@ -79,14 +79,13 @@ def _embedding_dim(encoder):
 
 
 def embed_images(encoder, images, batch_size=128):
-    """Embeds float32 images [N, H, W, C] in [0, 1] in batches."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        e = _embeddings_of(encoder(images[i : i + batch_size], training=False))
-        out.append(np.asarray(e, np.float32))
-    if not out:
+    """Embeds float32 images [N, H, W, C] in [0, 1] in batches
+    (:func:`tfdml.eval.embed`, inference mode)."""
+    from tfdml.eval.embed import embed
+
+    if not len(images):
         raise ValueError("The gallery is empty; received 0 images.")
-    return np.concatenate(out)
+    return embed(encoder, images, batch_size)
 
 
 def _first(mask, limit=5):
