@@ -153,14 +153,24 @@ def time_correction(classes, dim, k=25):
     return time.perf_counter() - start
 
 
-def time_refresh(max_per_class, repeats=2, size=32, batch=256):
-    """Seconds of one IAARefresh.refresh() on cjk_glyphs/small: the whole
-    split (``max_per_class=None``) and the bounded sample; median of
+def time_refresh(
+    max_per_class,
+    repeats=2,
+    size=32,
+    batch=256,
+    config="small",
+    data_dir=None,
+):
+    """Seconds of one IAARefresh.refresh() on cjk_glyphs/``config``: the
+    whole split (``max_per_class=None``) and the bounded sample; median of
     ``repeats`` after one traced call. Images are decoded once, in memory,
     shuffled (so the bounded sample is random)."""
     from tfdml.data.sources import source_from_config
 
-    src = source_from_config({"source": "cjk_glyphs", "config": "small"})
+    spec = {"source": "cjk_glyphs", "config": config}
+    if data_dir:
+        spec["data_dir"] = data_dir
+    src = source_from_config(spec)
     order = np.random.default_rng(0).permutation(len(src))
     x = np.stack(src.load_batch(order)).astype(np.float32) / 255.0
     x = tf.image.resize(x, (size, size)).numpy()
@@ -208,14 +218,28 @@ def main(argv=None):
         "--refresh-only", action="store_true", help="only the refresh timing"
     )
     parser.add_argument("--max-per-class", type=int, default=32)
+    parser.add_argument(
+        "--refresh-config",
+        default="small",
+        help="cjk_glyphs config of the refresh timing (small or full)",
+    )
+    parser.add_argument("--refresh-repeats", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     if args.refresh or args.refresh_only:
-        res = time_refresh(args.max_per_class)
+        res = time_refresh(
+            args.max_per_class,
+            repeats=args.refresh_repeats,
+            config=args.refresh_config,
+            data_dir=args.data_dir,
+        )
         print(
-            f"IAARefresh on cjk_glyphs/small ({res['images']} images, "
+            f"IAARefresh on cjk_glyphs/{args.refresh_config} "
+            f"({res['images']} images, "
             f"{res['classes']} classes, 32x32, small CNN, training-mode BN, "
-            f"batch 256), median of 2 after one traced call; "
-            f"{os.cpu_count()} CPU cores\n\n"
+            f"batch 256), median of {args.refresh_repeats} after one traced "
+            f"call; {os.cpu_count()} CPU cores, load average "
+            f"{os.getloadavg()[0]:.1f}\n\n"
             "| sample | images embedded | s per refresh |\n|---|---:|---:|"
         )
         for cap in (None, args.max_per_class):
