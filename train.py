@@ -1,4 +1,6 @@
-"""Trains a deep-metric-learning model from a YAML config.
+"""Trains a deep-metric-learning model from a YAML config (a thin CLI over
+:mod:`tfdml.training`: :func:`tfdml.training.config.load` and
+:func:`tfdml.training.loop.main`).
 
 Usage::
 
@@ -41,15 +43,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from tfdml import config as config_lib
-    from tfdml import train_lib
+    from tfdml.training import config as config_lib
+    from tfdml.training import loop
 
     try:
         cfg = config_lib.load(args.config, args.overrides)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return train_lib.EXIT_CONFIG
-    return train_lib.main(cfg, config_path=args.config, check_only=args.check)
+        return loop.EXIT_CONFIG
+    return loop.main(cfg, config_path=args.config, check_only=args.check)
 
 
 if __name__ == "__main__":

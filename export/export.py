@@ -1,4 +1,5 @@
-"""Export a trained run as a TF-Serving model base path.
+"""Export a trained run as a TF-Serving model base path (a thin CLI over
+:func:`tfdml.training.report.export_run`).
 
     python export/export.py --run RUN_DIR --out OUT_DIR [--gallery G.npz]
         [--name NAME] [--version N] [--index brute_force|scann|both] [--k 10]
@@ -39,83 +40,16 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def load_run(run_dir, encoder_file="best_encoder.keras"):
-    """(encoder, resolved config dict, (H, W, C)).
-
-    Raises:
-      tfdml.training.run_dir.RunDirError: not a tfdml run, a missing
-        encoder, or an encoder that does not match the config.
-    """
-    from tfdml.training import run_dir as run_dir_lib
-
-    cfg = run_dir_lib.read_config(run_dir)
-    encoder, shape = run_dir_lib.load_encoder(run_dir, encoder_file, cfg)
-    return encoder, cfg, shape
-
-
-def load_gallery(gallery, cfg):
-    """(X, y, ids or None) from an .npz or tfdml.data's test split."""
-    import numpy as np
-
-    if gallery:
-        try:
-            z = np.load(gallery, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"--gallery {gallery}: not a readable .npz file with arrays "
-                f"X, y[, ids] ({e})"
-            ) from None
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError(
-                f"--gallery {gallery}: expected an .npz file with arrays X, "
-                "y[, ids]; found a single array."
-            )
-        with z:
-            for key in ("X", "y"):
-                if key not in z:
-                    raise ValueError(
-                        f"--gallery {gallery}: missing array {key!r}; found "
-                        f"{sorted(z.files)}."
-                    )
-            try:
-                x, y = z["X"], z["y"]
-                ids = z["ids"].astype(str) if "ids" in z else None
-            except ValueError as e:  # object arrays need pickle
-                raise ValueError(f"--gallery {gallery}: {e}") from None
-            return x, y, ids
-    try:
-        from tfdml.data import load_split_arrays
-    except Exception as e:
-        raise RuntimeError(
-            "No --gallery given and tfdml.data.load_split_arrays is not "
-            f"available ({e!r}); pass --gallery G.npz with X, y[, ids]."
-        ) from e
-    x, y = load_split_arrays(cfg, "test")[:2]
-    return x, y, None
-
-
 def main(argv=None):
     args = _parse(argv)
-    from tfdml.export import saved_model
+    from tfdml.training import report
 
-    encoder, cfg, (h, w, c) = load_run(args.run, args.encoder)
+    run = report.load_run(args.run, args.encoder)
     try:  # a bad gallery: a message and exit 2, nothing written
-        x, y, ids = load_gallery(args.gallery, cfg)
-        where = f"--gallery {args.gallery}: " if args.gallery else ""
-        names = (
-            ("X", "y", "ids") if args.gallery else ("images", "labels", "ids")
-        )
-        try:
-            saved_model.validate_gallery(x, y, ids, names=names)
-        except ValueError as e:
-            raise ValueError(f"{where}{e}") from None
-        images = saved_model.images_to_float(x, h, w, c)
-        written = saved_model.export_saved_model(
-            encoder,
+        written = report.export_run(
+            run,
             args.out,
-            gallery_images=images,
-            database_labels=y,
-            database_ids=ids,
+            gallery=args.gallery,
             index=args.index,
             name=args.name,
             version=args.version,

@@ -246,6 +246,18 @@ def test_configs_exist():
     assert len(CONFIGS) >= 30
 
 
+def test_demo_config_ships_in_the_package():
+    # python -m tfdml.demo reads the packaged copy (pyproject package-data);
+    # configs/demo_cjk.yaml is the same file for readers of configs/.
+    from tfdml.training import demo
+
+    assert demo.CONFIG == os.path.join(ROOT, "tfdml", "training", "demo.yaml")
+    with open(demo.CONFIG, encoding="utf-8") as f:
+        packaged = f.read()
+    with open(os.path.join(ROOT, "configs", "demo_cjk.yaml")) as f:
+        assert packaged == f.read()
+
+
 @pytest.mark.parametrize(
     "path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS]
 )

@@ -26,10 +26,10 @@ def test_memory_run_logs_drift_to_own_stored_copy(tmp_path):
 def test_history_row_is_written_before_the_checkpoint(tmp_path, monkeypatch):
     """When state.json records epoch e, history.csv already holds rows
     0..e-1, so a kill -9 right after a checkpoint loses no history row."""
-    from tfdml import train_lib
+    from tfdml.training.checkpoint import Checkpointer
 
     seen = []
-    save = train_lib.Checkpointer.save
+    save = Checkpointer.save
 
     def checked_save(self, epoch, state):
         path = os.path.join(os.path.dirname(self.directory), "history.csv")
@@ -40,6 +40,6 @@ def test_history_row_is_written_before_the_checkpoint(tmp_path, monkeypatch):
         seen.append((epoch, rows))
         return save(self, epoch, state)
 
-    monkeypatch.setattr(train_lib.Checkpointer, "save", checked_save)
+    monkeypatch.setattr(Checkpointer, "save", checked_save)
     assert _run(tmp_path / "run", "eval.plots=false") == 0
     assert seen == [(e, list(range(e))) for e in (1, 2, 3)], seen

@@ -26,7 +26,7 @@ split of Oh Song et al., CVPR 2016):
 * the raw-pixel row: cosine on the flattened, L2-normalised test images
   (no training; identical for every seed).
 
-Each training run goes through :func:`tfdml.train_lib.main` (a run folder
+Each training run goes through :func:`tfdml.training.loop.main` (a run folder
 under ``OUT/runs``); results go to ``OUT/quality_<name>.{md,png,json}``.
 """
 
@@ -302,7 +302,7 @@ def parse_methods(text):
 
 def make_config(args, method, seed, run_dir):
     """The resolved train config of one (method, seed) run."""
-    from tfdml import config as config_lib
+    from tfdml.training import config as config_lib
 
     sections = dict(METHODS[method][2] or {"loss": _CONTRASTIVE})
     warm = sections.pop("warm_start", None)
@@ -382,9 +382,9 @@ def test_metrics(emb, labels, seed=0):
 
 def raw_pixel_metrics(cfg):
     """The raw-pixel row: cosine on flattened L2-normalised test pixels."""
-    from tfdml import train_lib
+    from tfdml.training.build import Data
 
-    data = train_lib.Data(cfg)
+    data = Data(cfg)
     x, y = data.arrays("test")
     flat = x.reshape(len(x), -1).astype(np.float64)
     flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
@@ -398,7 +398,7 @@ def source_run_dir(args, method, seed):
 
 def ensure_source_run(args, method, seed):
     """Trains a warm-start row's source run if it has no encoder yet."""
-    from tfdml import train_lib
+    from tfdml.training import loop
 
     warm = (METHODS[method][2] or {}).get("warm_start")
     if warm is None:
@@ -407,8 +407,8 @@ def ensure_source_run(args, method, seed):
     if os.path.exists(os.path.join(src, "best_encoder.keras")):
         return
     cfg = make_config(args, warm["from"], seed, src)
-    rc = train_lib.main(cfg)
-    if rc != train_lib.EXIT_OK:
+    rc = loop.main(cfg)
+    if rc != loop.EXIT_OK:
         raise RuntimeError(f"{warm['from']} seed {seed}: exit {rc}")
 
 
@@ -416,7 +416,10 @@ def run_one(args, method, seed):
     """Trains one (method, seed) and returns its test metrics (best-val)."""
     import keras
 
-    from tfdml import train_lib
+    from tfdml.training import loop
+    from tfdml.training import run_dir as run_dir_lib
+    from tfdml.training.build import Data
+    from tfdml.training.report import embed_dataset
 
     run_dir = source_run_dir(args, method, seed)
     ensure_source_run(args, method, seed)
@@ -426,17 +429,17 @@ def run_one(args, method, seed):
         return metrics, {}
     keras.utils.set_random_seed(int(seed))
     t0 = time.time()
-    rc = train_lib.main(cfg)
+    rc = loop.main(cfg)
     seconds = time.time() - t0
-    if rc != train_lib.EXIT_OK:
-        raise RuntimeError(f"{method} seed {seed}: train_lib exit {rc}")
-    state = train_lib.read_state(run_dir) or {}
+    if rc != loop.EXIT_OK:
+        raise RuntimeError(f"{method} seed {seed}: training exit {rc}")
+    state = run_dir_lib.read_state(run_dir) or {}
     best = os.path.join(run_dir, "best_encoder.keras")
     if not os.path.exists(best):
         raise RuntimeError(f"{method} seed {seed}: no best_encoder.keras")
     encoder = keras.saving.load_model(best, compile=False)
-    data = train_lib.Data(cfg)
-    emb, y = train_lib.embed_dataset(
+    data = Data(cfg)
+    emb, y = embed_dataset(
         encoder, data.eval_dataset("test", cfg["eval"]["batch_size"])
     )
     info = {

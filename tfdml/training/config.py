@@ -12,7 +12,7 @@ objects keep their defaults in their constructors:
 * ``model``, ``memory``, ``meta`` and ``augment`` have a few trainer keys
   (listed in :data:`SCHEMA`); their other keys are keyword arguments of the
   library constructor they feed and are checked against its signature by
-  :func:`tfdml.train_lib.validate` (see ``PASSTHROUGH``).
+  :func:`tfdml.training.build.validate` (see ``PASSTHROUGH``).
 
 Every error is a :class:`ConfigError` naming the key
 (``data.samples_per_class``)

@@ -6,7 +6,8 @@ Usage::
 
 1. Builds the small offline CJK glyph set (``tfdml.data`` builder; missing
    font packages are installed with apt-get when running as root).
-2. Trains with ``configs/demo_cjk.yaml`` (a few minutes on 2 CPU cores).
+2. Trains with ``tfdml/training/demo.yaml`` (shipped in the package; the
+   same file as ``configs/demo_cjk.yaml``), a few minutes on 2 CPU cores.
 3. Evaluates on the unseen (test) classes (``eval_test.json``).
 4. Exports the encoder as a SavedModel and queries the export in this
    process, checking that it agrees with the Keras encoder.
@@ -21,8 +22,7 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "demo_cjk.yaml")
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.yaml")
 
 TINY = [
     "data.config=tiny",
@@ -102,8 +102,9 @@ def query_export(export_dir, encoder, x, y, k=5):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from tfdml import config as config_lib
-    from tfdml import train_lib
+    from tfdml.training import build
+    from tfdml.training import config as config_lib
+    from tfdml.training import loop
     from tfdml.training import run_dir as run_dir_lib
 
     t0 = time.time()
@@ -126,9 +127,9 @@ def main(argv=None):
         cfg = config_lib.load(CONFIG, overrides)
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return train_lib.EXIT_CONFIG
+        return loop.EXIT_CONFIG
     print("[2/4] training on the training classes ...")
-    status = train_lib.main(cfg, config_path=CONFIG)
+    status = loop.main(cfg, config_path=CONFIG)
     if status != 0:
         return status
     print("[3/4] evaluating on the unseen classes ...")
@@ -140,7 +141,7 @@ def main(argv=None):
     encoder, _ = run_dir_lib.load_encoder(
         run_dir, run_dir_lib.FINAL_ENCODER, resolved
     )
-    data = train_lib.Data(resolved)
+    data = build.Data(resolved)
     x, y = data.arrays("test", limit=512)
     served = query_export(export_dir, encoder, x, y)
     _table(report, served)

@@ -26,8 +26,8 @@ import os
 import re
 import shutil
 
-from tfdml import config as config_lib
-from tfdml.config import ConfigError
+from tfdml.training import config as config_lib
+from tfdml.training.config import ConfigError
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
@@ -64,8 +64,9 @@ CHECKPOINT_TEMP = re.compile(r"^(epoch-\d{5,})_temp$")
 class RunDirError(ConfigError):
     """A run folder is missing, corrupt or not a tfdml run.
 
-    A :class:`~tfdml.config.ConfigError` of ``train.run_dir`` (``train.py``
-    exits with status 2); ``message`` is the text without the key.
+    A :class:`~tfdml.training.config.ConfigError` of ``train.run_dir``
+    (``train.py`` exits with status 2); ``message`` is the text without the
+    key.
     """
 
     def __init__(self, message):

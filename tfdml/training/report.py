@@ -1,0 +1,218 @@
+"""What a finished run reports: the final encoder, the test evaluation
+(``eval_test.json``), plots, the optional export, and the export of a run
+folder (``export/export.py``).
+"""
+
+import json
+import os
+
+import numpy as np
+
+from tfdml.training import run_dir as run_dir_lib
+from tfdml.training.build import eval_metrics
+from tfdml.training.build import plain
+from tfdml.training.callbacks import recalibrate
+
+
+def embed_dataset(encoder, ds):
+    """``(embeddings float32 [N, d], labels int32 [N])`` of a dataset of
+    ``(images, labels)`` batches (:func:`tfdml.eval.embed`)."""
+    from tfdml.eval.embed import embed
+
+    emb, y = embed(encoder, ds, batched=True, return_labels=True)
+    return emb, np.asarray(y, np.int32).reshape(-1)
+
+
+def evaluate_split(cfg, encoder, ds):
+    """Retrieval metrics of ``encoder`` on ``ds`` (queries = references)."""
+    from tfdml import eval as eval_lib
+
+    emb, y = embed_dataset(encoder, ds)
+    metrics = eval_lib.retrieval_metrics(
+        emb,
+        y,
+        recall_at=cfg["eval"]["recall_at"],
+        method="scann" if cfg["eval"]["index"] == "scann" else "exact",
+        seed=cfg["train"]["seed"],
+        metrics=eval_metrics(cfg),
+    )
+    return {k: plain(v) for k, v in metrics.items()}, emb, y
+
+
+def finish(cfg, built, parts, run_dir, state):
+    """final_encoder.keras, eval_test.json, plots and the optional export."""
+    import keras
+
+    final_path = os.path.join(run_dir, "final_encoder.keras")
+    # Precise BN before the final encoder is saved, tested and exported.
+    recalibrate(cfg, built, parts.encoder)
+    parts.encoder.save(final_path)
+    ds = built.data.eval_dataset("test", cfg["eval"]["batch_size"])
+    report = {
+        "classes": "test (never used for model selection)",
+        "best_epoch": state.best_epoch,
+        "best_val": state.best,
+        "monitor": "val_" + cfg["eval"]["monitor"],
+    }
+    report["final"], emb, y = evaluate_split(cfg, parts.encoder, ds)
+    report["num_queries"] = int(len(y))
+    report["num_classes"] = int(len(np.unique(y)))
+    best_path = os.path.join(run_dir, "best_encoder.keras")
+    if os.path.exists(best_path):
+        best = keras.saving.load_model(best_path, compile=False)
+        report["best"], _, _ = evaluate_split(cfg, best, ds)
+    run_dir_lib.atomic_write(
+        os.path.join(run_dir, "eval_test.json"), json.dumps(report, indent=2)
+    )
+    if cfg["eval"]["plots"]:
+        n = min(len(y), 2000)
+        x, _ = built.data.arrays("test", limit=n)
+        _plots(cfg, run_dir, emb[:n], x, y[:n], report)
+    if cfg["export"]["enabled"]:
+        export_encoder(cfg, run_dir, parts.encoder, emb, y)
+    _print_summary(report)
+    return report
+
+
+def _plots(cfg, run_dir, emb, x, y, report):
+    from tfdml.eval import plots
+
+    out = os.path.join(run_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    plots.plot_recall_at_k(
+        {
+            "final": report["final"],
+            **({"best": report["best"]} if "best" in report else {}),
+        },
+        os.path.join(out, "recall_at_k.png"),
+    )
+    plots.retrieval_grid_from_embeddings(
+        emb,
+        y,
+        x,
+        os.path.join(out, "retrieval_grid.png"),
+        seed=cfg["train"]["seed"],
+    )
+
+
+def export_encoder(cfg, run_dir, encoder, db_emb, db_labels):
+    from tfdml import export as export_lib
+
+    out = cfg["export"]["dir"] or os.path.join(run_dir, "export")
+    index = cfg["export"]["index"]
+    written = export_lib.export_saved_model(
+        encoder,
+        out,
+        database=db_emb,
+        database_labels=db_labels,
+        index="brute_force" if index == "bruteforce" else index,
+    )
+    print(f"exported SavedModel(s): {written}")
+    return written
+
+
+def _print_summary(report):
+    keys = [k for k in report["final"] if isinstance(report["final"][k], float)]
+    print("\ntest classes (reported only):")
+    print(f"  {'metric':<16}{'final':>10}{'best(val)':>12}")
+    for k in keys:
+        best = report.get("best", {}).get(k)
+        b = f"{best:12.4f}" if isinstance(best, float) else f"{'-':>12}"
+        print(f"  {k:<16}{report['final'][k]:10.4f}{b}")
+
+
+# -- export of a run folder (export/export.py) --
+
+
+def load_run(run_dir, encoder_file="best_encoder.keras"):
+    """(encoder, resolved config dict, (H, W, C)).
+
+    Raises:
+      tfdml.training.run_dir.RunDirError: not a tfdml run, a missing
+        encoder, or an encoder that does not match the config.
+    """
+    cfg = run_dir_lib.read_config(run_dir)
+    encoder, shape = run_dir_lib.load_encoder(run_dir, encoder_file, cfg)
+    return encoder, cfg, shape
+
+
+def load_gallery(gallery, cfg):
+    """(X, y, ids or None) from an .npz or tfdml.data's test split."""
+    if gallery:
+        try:
+            z = np.load(gallery, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"--gallery {gallery}: not a readable .npz file with arrays "
+                f"X, y[, ids] ({e})"
+            ) from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"--gallery {gallery}: expected an .npz file with arrays X, "
+                "y[, ids]; found a single array."
+            )
+        with z:
+            for key in ("X", "y"):
+                if key not in z:
+                    raise ValueError(
+                        f"--gallery {gallery}: missing array {key!r}; found "
+                        f"{sorted(z.files)}."
+                    )
+            try:
+                x, y = z["X"], z["y"]
+                ids = z["ids"].astype(str) if "ids" in z else None
+            except ValueError as e:  # object arrays need pickle
+                raise ValueError(f"--gallery {gallery}: {e}") from None
+            return x, y, ids
+    try:
+        from tfdml.data import load_split_arrays
+    except Exception as e:
+        raise RuntimeError(
+            "No --gallery given and tfdml.data.load_split_arrays is not "
+            f"available ({e!r}); pass --gallery G.npz with X, y[, ids]."
+        ) from e
+    x, y = load_split_arrays(cfg, "test")[:2]
+    return x, y, None
+
+
+def export_run(
+    run,
+    out,
+    gallery=None,
+    index="brute_force",
+    name="tfdml",
+    version=1,
+    k=10,
+):
+    """Exports a loaded run (:func:`load_run`) with the gallery of
+    :func:`load_gallery` as ``out/<name>/<version>/``.
+
+    Returns:
+      ``{variant: path}`` of the written SavedModel(s).
+
+    Raises:
+      ValueError: a bad gallery (nothing written); the message names
+        ``--gallery`` when one was given.
+    """
+    from tfdml.export import saved_model
+
+    encoder, cfg, (h, w, c) = run
+    x, y, ids = load_gallery(gallery, cfg)
+    where = f"--gallery {gallery}: " if gallery else ""
+    names = ("X", "y", "ids") if gallery else ("images", "labels", "ids")
+    try:
+        saved_model.validate_gallery(x, y, ids, names=names)
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+    images = saved_model.images_to_float(x, h, w, c)
+    return saved_model.export_saved_model(
+        encoder,
+        out,
+        gallery_images=images,
+        database_labels=y,
+        database_ids=ids,
+        index=index,
+        name=name,
+        version=version,
+        k=k,
+    )
