@@ -147,6 +147,8 @@ def trim_history(path, epochs_done):
 
 
 def chief_callbacks(cfg, built, parts, run_dir, state, checkpointer):
+    """The chief's callbacks, in order (a non-chief worker runs the same
+    minus those that only evaluate or write: ``loop._train_worker``)."""
     import keras
 
     NaNGuard, Guarded, BestEncoder, EpochCheckpoint = make_callbacks_module()
