@@ -250,6 +250,15 @@ METHODS = {
             "warm_start": _WARM,
         },
     ),
+    "mmsi_ms_finetune_separate": (
+        "MMSI + MS fine-tuned, separate normalisation",
+        "ms_finetune",
+        {
+            "loss": _MMSI_MS,
+            "meta": {**_MMSI_MS_META, "normalization": "separate"},
+            "warm_start": _WARM,
+        },
+    ),
     "iaa_contrastive": (
         "IAA + contrastive",
         "contrastive",
