@@ -200,3 +200,78 @@ def masked_mean(x, mask, axis=-1):
     return tf.math.divide_no_nan(
         tf.reduce_sum(x * m, axis), tf.reduce_sum(m, axis)
     )
+
+
+def similarity_loss(a, b, forward):
+    """Per-anchor loss of ``sim = a b^T`` with a matmul-only gradient.
+
+    For losses whose gradient w.r.t. ``sim`` is cheap to form in the forward
+    pass (the fused contrastive path): ``forward(sim)`` returns
+    ``(loss [B], coef [B, M])`` with ``d loss_i / d sim_ij = coef_ij`` (and
+    no dependence of ``loss_i`` on other rows). With ``g`` the upstream
+    gradient ``[B]`` the backward pass is ``d a = g * (coef b) +
+    coef^T (g * a)`` (the second term only when ``b`` is None, the batch
+    against itself) and ``d b = coef^T (g * a)``: two matmuls and no
+    ``[B, M]`` elementwise work (the row scaling by ``g`` commutes with the
+    matmul).
+
+    First-order only: the returned gradient treats ``coef`` as a constant,
+    so a second derivative through this function is not the true one.
+
+    Args:
+      a: ``[B, d]`` float32 anchors.
+      b: ``[M, d]`` float32 references, or None for ``a`` itself.
+      forward: ``sim [B, M] -> (loss [B], coef [B, M])``.
+    """
+    if b is None:
+
+        @tf.custom_gradient
+        def self_fn(a):
+            loss, coef = forward(tf.matmul(a, a, transpose_b=True))
+
+            def grad(upstream):
+                g = upstream[:, None]
+                return g * tf.matmul(coef, a) + tf.matmul(
+                    coef, g * a, transpose_a=True
+                )
+
+            return loss, grad
+
+        return self_fn(a)
+
+    @tf.custom_gradient
+    def ref_fn(a, b):
+        loss, coef = forward(tf.matmul(a, b, transpose_b=True))
+
+        def grad(upstream):
+            g = upstream[:, None]
+            return g * tf.matmul(coef, b), tf.matmul(
+                coef, g * a, transpose_a=True
+            )
+
+        return loss, grad
+
+    return ref_fn(a, b)
+
+
+def default_ids(
+    labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None
+):
+    """The explicit ``(ref_labels, ids, ref_ids, ref_valid)`` that
+    :func:`pair_masks` assumes when they are None (``ref_valid``: all True)."""
+    labels = tf.cast(labels, tf.int32)
+    if ids is None:
+        ids = tf.range(tf.shape(labels)[0], dtype=tf.int32)
+    ids = tf.cast(ids, tf.int32)
+    if ref_labels is None:
+        ref_labels = labels
+        if ref_ids is None:
+            ref_ids = ids
+    ref_labels = tf.cast(ref_labels, tf.int32)
+    m = tf.shape(ref_labels)[0]
+    if ref_ids is None:
+        ref_ids = -1 - tf.range(m, dtype=tf.int32)
+    ref_ids = tf.cast(ref_ids, tf.int32)
+    if ref_valid is None:
+        ref_valid = tf.ones([m], tf.bool)
+    return ref_labels, ids, ref_ids, tf.cast(ref_valid, tf.bool)

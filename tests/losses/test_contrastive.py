@@ -1,9 +1,11 @@
 """ContrastiveLoss (distance and similarity forms) vs the NumPy reference."""
 
 import functools
+import importlib
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import reference
 from tests.conftest import edge_batches
@@ -186,3 +188,110 @@ def test_pair_weights_multiply_pair_losses():
             w[i, k] * max(0, sim[i, k] - 0.5) for k in neg
         )
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+# -- the fused path (XLA forward + matmul-only custom gradient) -------------
+
+
+def _value_and_grad(loss, emb, labels, ref=None, **kwargs):
+    e = tf.constant(emb)
+    r = None if ref is None else tf.constant(ref)
+    weights = tf.constant(np.linspace(0.5, 2.0, len(labels)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(e)
+        if r is not None:
+            tape.watch(r)
+        per = loss.per_anchor(e, labels, ref_embeddings=r, **kwargs)
+        # Non-uniform upstream gradients: the row scaling of the backward
+        # pass must be the anchor's own.
+        total = tf.reduce_sum(per * weights)
+    grads = tape.gradient(total, [e] if r is None else [e, r])
+    return [per.numpy()] + [g.numpy() for g in grads]
+
+
+def _generic(case):
+    loss = build(case)[0]
+    loss.fused = False
+    return loss
+
+
+@pytest.mark.parametrize("case, batch", PAIRS, ids=checks.ids(PAIRS))
+def test_fused_path_matches_generic_path(case, batch):
+    emb, labels = edge_batches()[batch]
+    fused = _value_and_grad(build(case)[0], emb, labels)
+    generic = _value_and_grad(_generic(case), emb, labels)
+    for a, b in zip(fused, generic):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_fused_path_matches_generic_with_reference_set(case):
+    emb, labels = edge_batches()["duplicates"]
+    ref, ref_labels, valid = checks.reference_set(dim=emb.shape[1])
+    ref[0] = emb[0]  # a duplicate of an anchor among the references
+    ref_labels[0] = labels[0]
+    kwargs = dict(ref_labels=ref_labels, ref_valid=valid)
+    fused = _value_and_grad(build(case)[0], emb, labels, ref, **kwargs)
+    generic = _value_and_grad(_generic(case), emb, labels, ref, **kwargs)
+    for a, b in zip(fused, generic):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+def test_fused_forward_compiled_and_plain_agree_on_a_large_batch(case):
+    # B x M above JIT_MIN_PAIRS takes the XLA forward, small batches the
+    # plain one; with an unknown batch size a tf.cond chooses at run time.
+    contrastive_lib = importlib.import_module("tfdml.losses.contrastive")
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(300, 16)).astype(np.float32)
+    emb[1] = emb[0]
+    labels = rng.integers(0, 40, size=300).astype(np.int32)
+    assert 300 * 300 >= contrastive_lib.JIT_MIN_PAIRS
+    fused = _value_and_grad(build(case)[0], emb, labels)
+    generic = _value_and_grad(_generic(case), emb, labels)
+    for a, b in zip(fused, generic):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    loss = build(case)[0]
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 16], tf.float32),
+            tf.TensorSpec([None], tf.int32),
+        ]
+    )
+    def dynamic(e, y):
+        with tf.GradientTape() as tape:
+            tape.watch(e)
+            per = loss.per_anchor(e, y)
+            total = tf.reduce_sum(per * tf.linspace(0.5, 2.0, tf.shape(y)[0]))
+        return per, tape.gradient(total, e)
+
+    for n in (300, 20):
+        got = [t.numpy() for t in dynamic(emb[:n], labels[:n])]
+        want = _value_and_grad(_generic(case), emb[:n], labels[:n])
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_path_is_taken_and_generic_fallbacks():
+    from tfdml import ops
+
+    calls = []
+    original = ops.similarity_loss
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    emb, labels = edge_batches()["seeded"]
+    ops.similarity_loss = spy
+    try:
+        ContrastiveLoss().per_anchor(emb, labels)
+        assert len(calls) == 1
+        ContrastiveLoss(miner=HardestMiner()).per_anchor(emb, labels)
+        w = np.ones((len(labels), len(labels)), np.float32)
+        ContrastiveLoss().per_anchor(emb, labels, pair_weights=w)
+        assert len(calls) == 1
+    finally:
+        ops.similarity_loss = original

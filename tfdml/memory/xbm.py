@@ -293,7 +293,10 @@ class CrossBatchMemory(keras.layers.Layer):
         memory_term = term_loss.per_anchor(
             embeddings,
             labels,
-            tail(ref_embeddings),
+            # The memory rows carry no gradient (references() stops it);
+            # saying so here spares the backward pass the [M, d] matmul
+            # of their (unused) gradient, which the concat would compute.
+            _no_gradient(tail(ref_embeddings)),
             tail(ref_labels),
             ids,
             tail(ref_ids),
@@ -425,6 +428,10 @@ class CrossBatchMemory(keras.layers.Layer):
             memory_reduction=self.memory_reduction,
         )
         return config
+
+
+def _no_gradient(t):
+    return None if t is None else tf.stop_gradient(t)
 
 
 def _check_weight(value):
