@@ -7,7 +7,7 @@ LINT_PATHS := tfdml tests train.py export benchmarks tools
 # on AVX2 CPUs, about 2x slower training (docs/benchmarks.md, "oneDNN").
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: test lint format demo clean-venv data-packages
+.PHONY: test test-fast lint format demo clean-venv data-packages
 
 $(VENV)/.installed: requirements.txt requirements-serving.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ data-packages:
 # pytest exits 5 when no test ran; make treats every non-zero exit as failure.
 test: lint data-packages
 	$(PY) -m pytest -n 2 --timeout=900 -q -p no:cacheprovider tests
+
+# The fast path while editing: no lint, no data packages (no root needed),
+# no slow or distributed tests (pyproject.toml markers); a few minutes.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q -p no:cacheprovider -m "not slow and not distributed" tests
 
 demo: $(VENV)/.installed data-packages
 	$(PY) -m tfdml.demo

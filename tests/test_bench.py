@@ -184,6 +184,7 @@ def test_raw_pixel_row_matches_numpy_nearest_neighbour(tmp_path):
     assert 0.0 < metrics["nmi"] <= 1.0
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_table_plot_json(tmp_path):
     rc = bench.main(
         _argv(tmp_path)
@@ -230,6 +231,7 @@ def test_xbm_warmup_row_delays_the_memory_by_half_the_budget(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_warm_start_row_fine_tunes_the_source_row(tmp_path):
     """MMSI's rows start from the MS row of the same seed (trained first
     when missing), at lr 1e-5, with the same budget."""

@@ -4,6 +4,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import tfdml.models  # noqa: F401  (registers the encoder's layers)
 from tests.test_train import _run as smoke_run
@@ -40,6 +41,7 @@ def _trainable(path):
     return {v.path: v.numpy() for v in enc.trainable_variables}
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_source_weights(tmp_path):
     src, enc = _source(tmp_path)
     want = {v.path: v.numpy() for v in enc.trainable_variables}

@@ -106,6 +106,7 @@ def _numeric_run(tmp_path, value, mode):
         return {k: f[k] for k in f.files}, proc.stderr
 
 
+@pytest.mark.slow
 def test_results_match_with_and_without_onednn(tmp_path):
     # "off" also checks the warning: TF imported without oneDNN, the
     # variable not set when tfdml is imported.

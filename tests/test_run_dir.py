@@ -92,6 +92,7 @@ def test_refuses_folder_with_a_foreign_config_yaml(tmp_path, capsys):
     assert os.listdir(folder) == ["config.yaml"]
 
 
+@pytest.mark.slow
 def test_overwrite_removes_only_what_a_run_writes(stopped_run, tmp_path):
     run = _copy(stopped_run, tmp_path)
     (run / "notes.txt").write_text("mine")
@@ -151,6 +152,7 @@ def _export_cli():
     return cli
 
 
+@pytest.mark.slow
 def test_export_cli_uses_the_runs_test_split(tmp_path):
     from tfdml.data import load_split_arrays
 
@@ -195,6 +197,7 @@ def test_read_config_errors(tmp_path):
 # -- 5. resume survives what kill -9 leaves behind --
 
 
+@pytest.mark.slow
 def test_resume_with_a_leftover_temp_checkpoint_folder(stopped_run, tmp_path):
     run = _copy(stopped_run, tmp_path)
     ckpt = run / "checkpoints"
@@ -210,6 +213,7 @@ def test_resume_with_a_leftover_temp_checkpoint_folder(stopped_run, tmp_path):
     assert "README.mine" in left
 
 
+@pytest.mark.slow
 def test_resume_falls_back_from_a_truncated_checkpoint(
     stopped_run, tmp_path, capsys
 ):
@@ -226,6 +230,7 @@ def test_resume_falls_back_from_a_truncated_checkpoint(
     assert run_dir_lib.read_state(str(run))["done"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b'{"epoch": 2, "checkp', b"", b"[1, 2]"])
 def test_truncated_state_json_is_a_clear_error(
     stopped_run, tmp_path, capsys, content

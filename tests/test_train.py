@@ -19,6 +19,8 @@ import train
 from tfdml import train_lib
 from tfdml.training import run_dir as run_dir_lib
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -161,7 +163,6 @@ def _cmd(run_dir, *overrides):
     return cmd
 
 
-@pytest.mark.slow
 def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     done = subprocess.run(
@@ -203,7 +204,6 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(wa, wb)
 
 
-@pytest.mark.slow
 def test_demo_tiny(tmp_path, capsys):
     from tfdml import demo
 

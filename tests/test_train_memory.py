@@ -4,8 +4,11 @@ import csv
 import os
 
 import numpy as np
+import pytest
 
 from tests.test_train import _run
+
+pytestmark = pytest.mark.slow
 
 
 def test_memory_run_logs_drift_to_own_stored_copy(tmp_path):

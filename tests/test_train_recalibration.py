@@ -10,6 +10,8 @@ import train
 from tfdml import config as config_lib
 from tfdml import train_lib
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 

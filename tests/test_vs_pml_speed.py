@@ -50,6 +50,7 @@ def _table(path):
     return head, rows
 
 
+@pytest.mark.slow
 def test_speed_tfdml_side_every_part(tmp_path):
     vs = _load("vs_pml")
     out = tmp_path / "out"
@@ -130,6 +131,7 @@ def test_speed_combine_ratios_and_agreement():
 @pytest.mark.skipif(
     not os.path.exists(PML_PYTHON), reason="no PML venv ($PML_PYTHON)"
 )
+@pytest.mark.slow
 def test_speed_with_pml(tmp_path):
     vs = _load("vs_pml")
     out = tmp_path / "out"

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "iaa_dist_train.py")
 

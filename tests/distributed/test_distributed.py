@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "dist_train.py")
 GLOBAL_BATCH, STEPS, MEMORY = 16, 4, 24

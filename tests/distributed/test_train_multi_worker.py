@@ -32,7 +32,7 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")

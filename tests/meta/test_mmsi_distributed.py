@@ -5,6 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
