@@ -10,6 +10,42 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# -- tests that need the Debian font / data packages --
+
+FONTS_HINT = "run bash tools/install_fonts.sh (as root)"
+
+
+def missing_font_packages(packages=None):
+    """The packages of ``packages`` (default: the tiny CJK set the glyph
+    tests build) that dpkg does not report as installed."""
+    # imported here: tfdml.data.builders loads tensorflow_datasets and PIL
+    from tfdml.data.builders import fonts as fonts_lib
+
+    if packages is None:
+        packages = fonts_lib.TINY_CJK_PACKAGES
+    return fonts_lib.missing_packages(list(packages))
+
+
+def fonts_skip_reason(packages=None):
+    """``None`` when every package is installed, else the skip reason."""
+    missing = missing_font_packages(packages)
+    if not missing:
+        return None
+    return f"font packages missing: {' '.join(missing)}; {FONTS_HINT}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """``@pytest.mark.needs_fonts`` / ``needs_fonts(packages)``: skip,
+    before any fixture runs, when those packages are not installed (a
+    non-root contributor without them). CI installs them (``make test``
+    runs ``tools/install_fonts.sh`` first), so nothing is skipped there."""
+    for mark in item.iter_markers("needs_fonts"):
+        packages = mark.args[0] if mark.args else mark.kwargs.get("packages")
+        reason = fonts_skip_reason(packages)
+        if reason:
+            pytest.skip(reason)
+
 
 def make_batch(seed=0, classes=4, per_class=4, dim=8):
     rng = np.random.default_rng(seed)

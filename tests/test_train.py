@@ -204,6 +204,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(wa, wb)
 
 
+@pytest.mark.needs_fonts
 def test_demo_tiny(tmp_path, capsys):
     from tfdml import demo
 
