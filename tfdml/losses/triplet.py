@@ -11,8 +11,17 @@ default) or the cosine distance ``1 - S``. Which triplets (``mining``):
   two for large reference sets.
 * ``"semi-hard"``: per (anchor, positive), the closest negative that is
   farther than the positive (FaceNet Eq. 3 reading: ``d_an > d_ap``); a pair
-  without such a negative forms no triplet. Found with a sort and
-  ``tf.searchsorted``: ``O(B M log M)`` time, ``O(B M)`` memory.
+  without such a negative forms no triplet. Found without a sort: each
+  anchor's positives become ``P`` slots (``P`` = the most positives of an
+  anchor) and a masked argmin over ``[B, P, M]`` (one XLA-compiled search)
+  picks each slot's negative: ``O(B P M)`` time and memory, and the
+  ``[B, M]`` distances never enter the backward pass (the loss is built
+  from gathered similarities). When ``[B, P, M]`` would exceed
+  ``tfdml.mining.semi_hard.DENSE_MAX_ELEMENTS`` (many positives per
+  anchor), and under ``jit_compile=True`` (static shapes), a sort and
+  ``tf.searchsorted`` are used instead: ``O(B M log M)`` time, ``O(B M)``
+  memory. Both give the same triplets and gradients (exact ties: the lowest
+  column).
 * ``"hard"``: batch-hard: the farthest positive and the closest negative of
   each anchor (one triplet per anchor).
 
@@ -26,6 +35,8 @@ without triplets contributes 0. ``pair_weights`` weight a triplet by
 ``w_ap * w_an``.
 """
 
+import functools
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -35,6 +46,10 @@ from tfdml.losses.base import check_choice
 from tfdml.losses.base import check_non_negative
 from tfdml.losses.contrastive import PAIR_REDUCTIONS
 from tfdml.losses.contrastive import reduce_pairs
+from tfdml.mining.semi_hard import _in_xla
+from tfdml.mining.semi_hard import dense_budget_ok
+from tfdml.mining.semi_hard import positive_slots
+from tfdml.mining.semi_hard import semi_hard_negatives
 from tfdml.mining.semi_hard import smallest_greater
 
 MININGS = ("all", "semi-hard", "hard")
@@ -62,8 +77,12 @@ def triplet_margin(
     """Per-anchor triplet margin loss ``[B]`` from the pair contract."""
     pos_mask = tf.cast(pos_mask, tf.bool)
     neg_mask = tf.cast(neg_mask, tf.bool)
-    dist = similarity_to_distance(sim, distance)
     w = None if pair_weights is None else tf.cast(pair_weights, tf.float32)
+    if mining == "semi-hard" and not _in_xla():
+        return _semi_hard_slots(
+            sim, pos_mask, neg_mask, w, margin, distance, pair_reduction
+        )
+    dist = similarity_to_distance(sim, distance)
     if mining == "all":
         loss = tf.nn.relu(dist[:, :, None] - dist[:, None, :] + margin)
         mask = tf.logical_and(pos_mask[:, :, None], neg_mask[:, None, :])
@@ -71,14 +90,9 @@ def triplet_margin(
             loss = loss * w[:, :, None] * w[:, None, :]
         return reduce_pairs(loss, mask, pair_reduction)
     if mining == "semi-hard":
-        d_an, exists, n_idx = smallest_greater(
-            dist, neg_mask, dist, return_index=True
-        )
-        loss = tf.nn.relu(dist - d_an + margin)
-        if w is not None:
-            loss = loss * w * tf.gather(w, n_idx, axis=1, batch_dims=1)
-        return reduce_pairs(
-            loss, tf.logical_and(pos_mask, exists), pair_reduction
+        # Under XLA (a static number of positive slots is needed): the sort.
+        return _semi_hard_sorted(
+            dist, pos_mask, neg_mask, w, margin, pair_reduction
         )
     # Batch-hard.
     d_ap = ops.masked_max(dist, pos_mask)
@@ -91,6 +105,77 @@ def triplet_margin(
         tf.reduce_any(pos_mask, axis=1), tf.reduce_any(neg_mask, axis=1)
     )
     return reduce_pairs(loss[:, None], valid[:, None], pair_reduction)
+
+
+def _semi_hard_sorted(dist, pos_mask, neg_mask, w, margin, pair_reduction):
+    """Semi-hard triplets with a sort of each row (any number of positives,
+    static shapes: the XLA path and the fallback for many positives)."""
+    d_an, exists, n_idx = smallest_greater(
+        dist, neg_mask, dist, return_index=True
+    )
+    loss = tf.nn.relu(dist - d_an + margin)
+    if w is not None:
+        loss = loss * w * tf.gather(w, n_idx, axis=1, batch_dims=1)
+    return reduce_pairs(loss, tf.logical_and(pos_mask, exists), pair_reduction)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_search(distance):
+    """The sort-free semi-hard search, XLA-compiled (forward only; about
+    half the CPU time of the same ops unfused, at B = M = 128 and 2048):
+    ``(sim [B, M], neg_mask, index [B, P]) -> (column [B, P], exists)``.
+    XLA compiles once per shape; :func:`positive_slots` buckets ``P``."""
+
+    def search(sim, neg_mask, index):
+        d = similarity_to_distance(sim, distance)
+        queries = tf.gather(d, index, axis=1, batch_dims=1)
+        return semi_hard_negatives(d, neg_mask, queries)
+
+    return tf.function(search, jit_compile=True)
+
+
+def _semi_hard_slots(
+    sim, pos_mask, neg_mask, w, margin, distance, pair_reduction
+):
+    """Semi-hard triplets per positive slot (:func:`positive_slots`): the
+    negative of each (anchor, positive) by a masked argmin
+    (:func:`semi_hard_negatives`, no sort) or, when ``[B, P, M]`` is over
+    the budget, by the sort, queried for the positives only. The same
+    triplets, values and gradient entries as :func:`_semi_hard_sorted`.
+
+    Only integer columns cross the ``tf.cond``; the loss is built outside
+    it from the gathered similarities: the ``[B, M]`` distances are a
+    forward-only search key, so the backward pass never touches them.
+    """
+    index, valid = positive_slots(pos_mask, bucket=True)
+    sim_key = tf.stop_gradient(tf.cast(sim, tf.float32))
+
+    def sort():
+        d = similarity_to_distance(sim_key, distance)
+        queries = tf.gather(d, index, axis=1, batch_dims=1)
+        _, exists, column = smallest_greater(
+            d, neg_mask, queries, return_index=True
+        )
+        return column, exists
+
+    n_idx, exists = tf.cond(
+        dense_budget_ok(pos_mask, tf.shape(index)[1]),
+        lambda: _dense_search(distance)(sim_key, neg_mask, index),
+        sort,
+    )
+    # distance(gather(sim)) == gather(distance(sim)), elementwise.
+    sim = tf.cast(sim, tf.float32)
+    d_ap = similarity_to_distance(
+        tf.gather(sim, index, axis=1, batch_dims=1), distance
+    )
+    d_an = similarity_to_distance(
+        tf.gather(sim, n_idx, axis=1, batch_dims=1), distance
+    )
+    loss = tf.nn.relu(d_ap - d_an + margin)
+    if w is not None:
+        w_ap = tf.gather(w, index, axis=1, batch_dims=1)
+        loss = loss * w_ap * tf.gather(w, n_idx, axis=1, batch_dims=1)
+    return reduce_pairs(loss, tf.logical_and(valid, exists), pair_reduction)
 
 
 def _hard_weight(dist, mask, chosen, w):

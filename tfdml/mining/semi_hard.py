@@ -103,6 +103,75 @@ def largest_less(x, mask, queries):
     return -values, exists
 
 
+# The sort-free semi-hard search builds [B, P, M] temporaries (P: the most
+# positives of an anchor); above this many elements it falls back to the
+# sort (O(B M log M) time, O(B M) memory).
+DENSE_MAX_ELEMENTS = 2**25
+
+
+def positive_slots(mask, bucket=False):
+    """Each row's masked columns, in column order, padded to the row maximum.
+
+    Returns ``(index [B, P], valid [B, P])`` with ``P`` the largest row
+    count (dynamic); a row with fewer entries is padded with ``valid``
+    False and column 0. One pass over the mask (``tf.where``) and
+    ``O(B P)`` work after it: no sort, no top-k. ``bucket``: ``P`` rounded
+    up to a multiple of 4 (a power of two above 32), so that an XLA
+    consumer sees few distinct shapes.
+    """
+    mask = tf.cast(mask, tf.bool)
+    count = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+    slots = tf.reduce_max(tf.concat([count, [0]], 0))
+    if bucket:
+        pow2 = tf.cast(
+            2
+            ** tf.math.ceil(
+                tf.math.log(tf.cast(slots, tf.float64)) / np.log(2.0)
+            ),
+            tf.int32,
+        )
+        slots = tf.where(
+            slots <= 32, (slots + 3) // 4 * 4, tf.maximum(pow2, slots)
+        )
+    where = tf.cast(tf.where(mask), tf.int32)  # [N, 2], row-major order
+    row, column = where[:, 0], where[:, 1]
+    start = tf.cumsum(count, exclusive=True)
+    rank = tf.range(tf.shape(row)[0]) - tf.gather(start, row)
+    at = tf.stack([row, rank], axis=1)
+    shape = tf.stack([tf.shape(mask)[0], slots])
+    index = tf.scatter_nd(at, column, shape)
+    valid = tf.scatter_nd(at, tf.ones_like(row), shape) > 0
+    return index, valid
+
+
+def dense_budget_ok(mask, slots):
+    """True when ``[B, P, M]`` (``P = slots``) fits DENSE_MAX_ELEMENTS."""
+    shape = tf.shape(mask, out_type=tf.int64)
+    return shape[0] * tf.cast(slots, tf.int64) * shape[1] <= DENSE_MAX_ELEMENTS
+
+
+def semi_hard_negatives(dist, neg_mask, queries):
+    """Per positive slot: the closest negative strictly farther than it.
+
+    ``queries [B, P]`` are the distances of the slots' positives (from
+    :func:`positive_slots`). A masked ``argmin`` over ``[B, P, M]`` instead
+    of a sort: ``O(B P M)`` time and memory, no ``[B, M]`` sort. Among equal
+    distances the lowest column wins (as the stable sort of
+    :func:`smallest_greater` does).
+
+    Returns ``(column [B, P] int32, exists [B, P] bool)``.
+    """
+    d = tf.stop_gradient(tf.cast(dist, tf.float32))
+    q = tf.stop_gradient(tf.cast(queries, tf.float32))
+    cand = tf.logical_and(
+        tf.cast(neg_mask, tf.bool)[:, None, :], d[:, None, :] > q[:, :, None]
+    )
+    masked = tf.where(cand, d[:, None, :], _BIG)
+    column = tf.math.argmin(masked, axis=2, output_type=tf.int32)
+    exists = tf.gather(masked, column, axis=2, batch_dims=2) < _BIG
+    return column, exists
+
+
 @registry.register
 class SemiHardMiner(Miner):
     """Keeps semi-hard pairs (FaceNet), read as pair masks.
