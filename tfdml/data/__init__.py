@@ -1,6 +1,10 @@
 """Data: sources, class-disjoint splits, the P x K sampler, augmentation,
 and the offline TFDS builders (``tfdml.data.builders``, imported lazily)."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from tfdml.data.pipeline import balanced_dataset  # noqa: F401
 from tfdml.data.pipeline import eval_dataset  # noqa: F401
 from tfdml.data.pipeline import index_batches  # noqa: F401
@@ -20,14 +24,16 @@ from tfdml.data.sources import source_from_config  # noqa: F401
 from tfdml.data.splits import split_classes  # noqa: F401
 
 
-def build_cjk_glyphs(data_dir=None, tiny=False, install_fonts=True):
+def build_cjk_glyphs(
+    data_dir: str | None = None, tiny: bool = False, install_fonts: bool = True
+) -> str:
     """See :func:`tfdml.data.builders.build_cjk_glyphs`."""
     from tfdml.data.builders import build_cjk_glyphs as build
 
     return build(data_dir=data_dir, tiny=tiny, install_fonts=install_fonts)
 
 
-def build_glyphs(*args, **kwargs):
+def build_glyphs(*args: Any, **kwargs: Any) -> str:
     """See :func:`tfdml.data.builders.build_glyphs`."""
     from tfdml.data.builders import build_glyphs as build
 

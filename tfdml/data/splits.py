@@ -7,19 +7,22 @@ via Lifted Structured Feature Embedding", CVPR 2016 (the CUB / Cars / SOP
 protocol).
 """
 
+from __future__ import annotations
+
 import numbers
 
 import numpy as np
+import numpy.typing as npt
 
 
 def split_classes(
-    labels,
-    test_fraction=0.5,
-    val_fraction=None,
-    seed=0,
+    labels: npt.ArrayLike,
+    test_fraction: float = 0.5,
+    val_fraction: float | None = None,
+    seed: int = 0,
     *,
-    val_classes=None,
-):
+    val_classes: int | float | None = None,
+) -> dict[str, np.ndarray]:
     """Splits class ids into disjoint ``train`` / ``val`` / ``test`` sets.
 
     Args:

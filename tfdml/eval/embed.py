@@ -14,9 +14,14 @@ new image shape / dtype, mode or output key. The functions are kept in a
 weak reference, so they do not keep it alive.
 """
 
-import weakref
+from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
+import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 # model -> {(training, output, shape, dtype): tf.function}
@@ -76,7 +81,12 @@ def _build(model_ref, spec, training, output):
     return tf.function(forward, input_signature=[spec])
 
 
-def embedding_function(model, example, training=False, output="embeddings"):
+def embedding_function(
+    model: keras.Model,
+    example: npt.ArrayLike | tf.Tensor | tf.TensorSpec,
+    training: bool = False,
+    output: str = "embeddings",
+) -> Callable[[tf.Tensor], tf.Tensor]:
     """The cached compiled forward pass ``images [B, ...] -> float32 [B, d]``.
 
     Args:
@@ -175,15 +185,15 @@ def _split(data):
 
 
 def embed(
-    model,
-    data,
-    batch_size=256,
+    model: keras.Model,
+    data: npt.ArrayLike | tf.Tensor | tf.data.Dataset,
+    batch_size: int = 256,
     *,
-    training=False,
-    output="embeddings",
-    return_labels=None,
-    batched=None,
-):
+    training: bool = False,
+    output: str = "embeddings",
+    return_labels: bool | None = None,
+    batched: bool | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Embeds images with one compiled, non-retracing forward pass.
 
     Args:

@@ -45,7 +45,14 @@ columns; no compilation. Memory ``O(query_block * N)`` (bounded to 2**25
 scores per block).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 _DEFAULT_KS = (1, 2, 4, 8)
@@ -419,7 +426,11 @@ def _ranks_exact(q, ql, r, rl, self_idx, block_size, ref_block, sparse_limit):
     return ranks, big_r
 
 
-def metrics_from_ranks(ranks, num_relevant, ks=_DEFAULT_KS):
+def metrics_from_ranks(
+    ranks: npt.ArrayLike,
+    num_relevant: npt.ArrayLike,
+    ks: Iterable[int] = _DEFAULT_KS,
+) -> dict[str, float | int]:
     """Metrics from the sorted 1-based ranks of every relevant reference.
 
     Args:
@@ -460,7 +471,12 @@ def metrics_from_ranks(ranks, num_relevant, ks=_DEFAULT_KS):
     return out
 
 
-def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
+def metrics_from_neighbors(
+    neighbor_labels: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    num_relevant: npt.ArrayLike,
+    ks: Iterable[int],
+) -> dict[str, float | int]:
     """Metrics from top-k neighbour label lists (self already removed).
 
     Used by the approximate mode: ``map`` and ``mrr`` only see the top k
@@ -704,24 +720,24 @@ def _scann_metrics(q, ql, r, rl, self_idx, ks, sample, seed, scann_kw):
 
 
 def retrieval_metrics(
-    query_embeddings,
-    query_labels,
-    ref_embeddings=None,
-    ref_labels=None,
-    ks=_DEFAULT_KS,
-    exclude_self=None,
-    block_size=1024,
-    ref_block_size=32768,
-    normalize=True,
-    method="exact",
-    scann_sample=1000,
-    seed=0,
-    scann_options=None,
-    recall_at=None,
-    sparse_limit=_SPARSE_LIMIT,
-    query_ids=None,
-    metrics=None,
-):
+    query_embeddings: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    ref_embeddings: npt.ArrayLike | None = None,
+    ref_labels: npt.ArrayLike | None = None,
+    ks: Iterable[int] = _DEFAULT_KS,
+    exclude_self: bool | None = None,
+    block_size: int = 1024,
+    ref_block_size: int = 32768,
+    normalize: bool = True,
+    method: str = "exact",
+    scann_sample: int = 1000,
+    seed: int = 0,
+    scann_options: Mapping[str, Any] | None = None,
+    recall_at: Iterable[int] | None = None,
+    sparse_limit: int = _SPARSE_LIMIT,
+    query_ids: npt.ArrayLike | None = None,
+    metrics: str | Iterable[str] | None = None,
+) -> dict[str, float | int]:
     """Retrieval metrics of a query set against a reference set.
 
     See the module docstring for the definitions (Musgrave et al. 2020) and
@@ -819,7 +835,13 @@ def retrieval_metrics(
     )
 
 
-def nmi_ami(embeddings, labels, n_clusters=None, seed=0, normalize=True):
+def nmi_ami(
+    embeddings: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    normalize: bool = True,
+) -> dict[str, float]:
     """NMI and AMI of k-means clusters against the labels.
 
     Uses scikit-learn's ``KMeans`` (k = number of classes by default) and

@@ -18,14 +18,19 @@ actually normalizes with. Frozen (non-trainable) BatchNorm layers run in
 inference mode in Keras 3 and are left as they are.
 """
 
+from __future__ import annotations
+
 import math
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 
-def batchnorm_layers(model, trainable_only=True):
+def batchnorm_layers(
+    model: keras.Model, trainable_only: bool = True
+) -> list[keras.layers.BatchNormalization]:
     """Every ``BatchNormalization`` layer inside ``model`` (recursively)."""
     out = []
     for layer in model._flatten_layers(include_self=True, recursive=True):
@@ -35,7 +40,7 @@ def batchnorm_layers(model, trainable_only=True):
     return out
 
 
-def has_trainable_batchnorm(model):
+def has_trainable_batchnorm(model: keras.Model) -> bool:
     """True when ``model`` has a BatchNorm layer that training updates."""
     return bool(model.trainable and batchnorm_layers(model))
 
@@ -73,7 +78,12 @@ def _batches(data, num_batches, batch_size):
         yield x[i * batch_size : (i + 1) * batch_size]
 
 
-def recalibrate_batchnorm(model, data, num_batches=None, batch_size=128):
+def recalibrate_batchnorm(
+    model: keras.Model,
+    data: tf.data.Dataset | npt.ArrayLike,
+    num_batches: int | None = None,
+    batch_size: int = 128,
+) -> int:
     """Sets BatchNorm moving statistics to those of training-mode batches.
 
     The model's weights are not changed. For every trainable

@@ -7,10 +7,14 @@ faces) and rendering. Needs Pillow and fontTools
 These are typefaces, not photos or handwriting.
 """
 
+from __future__ import annotations
+
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -69,7 +73,7 @@ PREFERRED_STYLES = ("regular", "book", "medium", "normal", "w3", "w4", "r", "")
 class MissingPackagesError(RuntimeError):
     """Debian packages are missing and cannot be installed here."""
 
-    def __init__(self, packages):
+    def __init__(self, packages: Iterable[str]) -> None:
         self.packages = list(packages)
         super().__init__(
             "missing Debian package(s): "
@@ -82,7 +86,7 @@ class MissingPackagesError(RuntimeError):
         )
 
 
-def installed_packages(packages):
+def installed_packages(packages: Sequence[str]) -> set[str]:
     """The subset of ``packages`` that dpkg reports as installed."""
     if shutil.which("dpkg-query") is None:
         return set()
@@ -98,12 +102,12 @@ def installed_packages(packages):
     }
 
 
-def missing_packages(packages):
+def missing_packages(packages: Sequence[str]) -> list[str]:
     have = installed_packages(packages)
     return [p for p in packages if p not in have]
 
 
-def ensure_packages(packages, install=True):
+def ensure_packages(packages: Sequence[str], install: bool = True) -> list[str]:
     """Installs missing packages with apt-get when root; else raises.
 
     Raises:

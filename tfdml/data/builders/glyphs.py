@@ -17,6 +17,7 @@ Usage::
 import dataclasses
 import gzip
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -253,12 +254,12 @@ class FashionMnistDeb(tfds.core.GeneratorBasedBuilder):
 
 
 def build_glyphs(
-    name="cjk_glyphs",
-    config="small",
-    data_dir=None,
-    install_fonts=True,
-    font_paths=None,
-):
+    name: str = "cjk_glyphs",
+    config: str | GlyphConfig = "small",
+    data_dir: str | None = None,
+    install_fonts: bool = True,
+    font_paths: Sequence[str] | None = None,
+) -> str:
     """Builds (if needed) a glyph data set; returns its TFDS name.
 
     Args:
@@ -281,7 +282,9 @@ def build_glyphs(
     return f"{name}/{builder.builder_config.name}"
 
 
-def build_cjk_glyphs(data_dir=None, tiny=False, install_fonts=True):
+def build_cjk_glyphs(
+    data_dir: str | None = None, tiny: bool = False, install_fonts: bool = True
+) -> str:
     """The CJK set for ``make demo``: config ``tiny`` or ``small``.
 
     Returns the TFDS name to load (``cjk_glyphs/small`` or
