@@ -243,3 +243,42 @@ def test_smallest_greater_xla_equals_eager_with_ties():
 def test_bad_arguments_raise(build, word):
     with pytest.raises(ValueError, match=word):
         build()
+
+
+def _tie_scenario():
+    """Exact ties: a negative at exactly a positive's closeness, identical
+    negatives, a duplicate positive."""
+    emb, labels = make_batch(5, classes=4, per_class=3, dim=6)
+    emb[4] = emb[1]
+    emb[7] = emb[6]
+    emb[2] = emb[0]
+    return batch_masks(emb, labels)
+
+
+@pytest.mark.parametrize("name", [*SCENARIOS, "ties"], ids=str)
+@pytest.mark.parametrize(
+    "margin, form",
+    [(0.2, "distance"), (0.0, "distance"), (0.3, "similarity")],
+    ids=["d0.2", "d0", "s0.3"],
+)
+def test_semi_hard_sort_free_matches_sorted_and_brute_force(
+    name, margin, form, monkeypatch
+):
+    from tfdml.mining import semi_hard
+
+    sim, pos, neg, lists = _tie_scenario() if name == "ties" else setup(name)
+    miner = SemiHardMiner(margin=margin, form=form)
+    dense = [m.numpy() for m in miner(sim, pos, neg)]
+    monkeypatch.setattr(semi_hard, "DENSE_MAX_ELEMENTS", 0)  # the sort
+    fallback = [m.numpy() for m in miner(sim, pos, neg)]
+    xla = tf.function(miner.__call__, jit_compile=True)  # the sort, XLA
+    compiled = [m.numpy() for m in xla(sim, pos, neg)]
+    want_p, want_n = reference.mine_semi_hard(
+        sim.astype(np.float64), lists, margin, form
+    )
+    for got in (dense, fallback, compiled):
+        np.testing.assert_array_equal(got[0], dense[0])
+        np.testing.assert_array_equal(got[1], dense[1])
+    if name != "ties":  # float64 brute force may split float32 ties
+        assert as_set(dense[0]) == want_p
+        assert as_set(dense[1]) == want_n

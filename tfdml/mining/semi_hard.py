@@ -9,8 +9,13 @@ similarity (higher is closer) that is ``S_ap - margin < S_an < S_ap``.
 Pair-mask reading (the masks have no triplet axis): a negative ``n`` of
 anchor ``a`` is kept when it is semi-hard for **at least one** positive of
 ``a``; a positive ``p`` is kept when **at least one** negative is semi-hard
-for it. Both tests run with a sort and ``tf.searchsorted`` per anchor, so the
-cost is ``O(B M log M)`` time and ``O(B M)`` memory, never ``[B, M, M]``.
+for it. Both tests run without a sort: each anchor's positives become ``P``
+slots (:func:`positive_slots`, ``P`` = the most positives of an anchor) and
+``[B, P, M]`` comparisons answer both, ``O(B P M)`` time and memory. Under
+XLA (static shapes) and when ``[B, P, M]`` would exceed
+:data:`DENSE_MAX_ELEMENTS`, a sort and ``tf.searchsorted`` per anchor are
+used instead (``O(B M log M)`` time, ``O(B M)`` memory, never
+``[B, M, M]``); both give the same masks.
 """
 
 import numpy as np
@@ -172,6 +177,27 @@ def semi_hard_negatives(dist, neg_mask, queries):
     return column, exists
 
 
+def _dense_keep(c, neg_mask, index, valid, margin):
+    """The miner's tests per positive slot, without a sort: ``[B, P, M]``
+    comparisons and ``any`` reductions, the same comparisons as the sorted
+    search (``c_n < c_p < c_n + margin`` for a negative,
+    ``c_p - margin < c_n < c_p`` for a positive)."""
+    c_p = tf.gather(c, index, axis=1, batch_dims=1)[:, :, None]  # [B, P, 1]
+    c_n = c[:, None, :]  # [B, 1, M]
+    # Negative n: some valid slot p with c_n < c_p < c_n + margin.
+    hit_neg = (c_p > c_n) & (c_p < c_n + margin) & valid[:, :, None]
+    keep_neg = tf.reduce_any(hit_neg, axis=1)
+    # Positive p: some negative n with c_p - margin < c_n < c_p.
+    hit_pos = (c_n < c_p) & (c_n > c_p - margin) & neg_mask[:, None, :]
+    slot_keep = tf.reduce_any(hit_pos, axis=2) & valid  # [B, P]
+    rows = tf.broadcast_to(
+        tf.range(tf.shape(index)[0])[:, None], tf.shape(index)
+    )
+    at = tf.stack([rows, index], axis=-1)
+    keep_pos = tf.scatter_nd(at, tf.cast(slot_keep, tf.int32), tf.shape(c)) > 0
+    return keep_pos, keep_neg
+
+
 @registry.register
 class SemiHardMiner(Miner):
     """Keeps semi-hard pairs (FaceNet), read as pair masks.
@@ -213,6 +239,21 @@ class SemiHardMiner(Miner):
             c = -ops.distance_from_similarity(sim)
         else:
             c = sim
+        if _in_xla():  # static shapes: the sort
+            keep_pos, keep_neg = self._sorted(c, pos_mask, neg_mask)
+        else:
+            index, valid = positive_slots(pos_mask, bucket=True)
+            keep_pos, keep_neg = tf.cond(
+                dense_budget_ok(pos_mask, tf.shape(index)[1]),
+                lambda: _dense_keep(c, neg_mask, index, valid, self.margin),
+                lambda: self._sorted(c, pos_mask, neg_mask),
+            )
+        return (
+            tf.logical_and(pos_mask, keep_pos),
+            tf.logical_and(neg_mask, keep_neg),
+        )
+
+    def _sorted(self, c, pos_mask, neg_mask):
         # Negative n is kept iff some positive p has c_n < c_p < c_n + margin:
         # the smallest positive closeness above c_n is below c_n + margin.
         above, has_above = smallest_greater(c, pos_mask, c)
@@ -220,10 +261,7 @@ class SemiHardMiner(Miner):
         # Positive p is kept iff some negative has c_p - margin < c_n < c_p.
         below, has_below = largest_less(c, neg_mask, c)
         keep_pos = tf.logical_and(has_below, below > c - self.margin)
-        return (
-            tf.logical_and(pos_mask, keep_pos),
-            tf.logical_and(neg_mask, keep_neg),
-        )
+        return keep_pos, keep_neg
 
     def get_config(self):
         return {"margin": self.margin, "form": self.form}
