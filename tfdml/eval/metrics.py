@@ -471,44 +471,16 @@ def metrics_from_ranks(
     return out
 
 
-def metrics_from_neighbors(
-    neighbor_labels: npt.ArrayLike,
-    query_labels: npt.ArrayLike,
-    num_relevant: npt.ArrayLike,
-    ks: Iterable[int],
-) -> dict[str, float | int]:
+def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
     """Metrics from top-k neighbour label lists (self already removed).
 
     Used by the approximate mode: ``map`` and ``mrr`` only see the top k
     (a relevant item beyond k contributes 0), so they are lower bounds.
     """
     ks = _check_ks(ks)
-    nl = np.asarray(neighbor_labels)
-    rel = nl == np.asarray(query_labels)[:, None]
-    big_r = np.asarray(num_relevant)
-    keep = big_r > 0
-    rel, big_r = rel[keep], big_r[keep].astype(np.float64)
-    n = len(big_r)
-
-    def mean(v):
-        return float(np.mean(v)) if n else float("nan")
-
-    out = {}
-    for k in ks:
-        out[f"recall@{k}"] = mean(rel[:, :k].any(1))
-    out["precision@1"] = mean(rel[:, 0]) if rel.shape[1] else float("nan")
-    pos = np.arange(1, rel.shape[1] + 1)[None, :]
-    within_r = pos <= big_r[:, None]
-    cum = np.cumsum(rel, axis=1)
-    p_at = cum / pos
-    out["r_precision"] = mean((rel & within_r).sum(1) / big_r)
-    out["map@r"] = mean(np.where(rel & within_r, p_at, 0).sum(1) / big_r)
-    out["map"] = mean(np.where(rel, p_at, 0).sum(1) / big_r)
-    first = np.where(rel.any(1), rel.argmax(1) + 1, np.inf)
-    out["mrr"] = mean(1.0 / first)
-    out["num_queries"] = int(n)
-    out["num_excluded"] = int((~keep).sum())
-    return out
+    rel = np.asarray(neighbor_labels) == np.asarray(query_labels)[:, None]
+    names = tuple(f"recall@{k}" for k in ks) + _TOP_METRICS + _RANK_METRICS
+    return _metrics_from_relevance(rel, num_relevant, names)
 
 
 # -- the top-R path: metrics that only look at the first max(R, K) ranks ----
@@ -634,7 +606,8 @@ def _topk_neighbors(q, r, self_idx, k, block_size, group=None):
 
 
 def _metrics_from_relevance(rel, num_relevant, names):
-    """The ``names`` metrics of boolean top-k relevance rows (k >= R)."""
+    """The ``names`` metrics of boolean top-k relevance rows (exact when
+    k >= R and k >= K; ``map`` / ``mrr`` only see the top k)."""
     big_r = np.asarray(num_relevant)
     keep = big_r > 0
     rel, big_r = rel[keep], big_r[keep].astype(np.float64)
@@ -656,6 +629,11 @@ def _metrics_from_relevance(rel, num_relevant, names):
             out[name] = mean((rel & within_r).sum(1) / big_r)
         elif name == "map@r":
             out[name] = mean(np.where(rel & within_r, p_at, 0).sum(1) / big_r)
+        elif name == "map":  # over the top k only
+            out[name] = mean(np.where(rel, p_at, 0).sum(1) / big_r)
+        elif name == "mrr":  # 0 when no relevant item is in the top k
+            first = np.where(rel.any(1), rel.argmax(1) + 1, np.inf)
+            out[name] = mean(1.0 / first)
     out["num_queries"] = int(n)
     out["num_excluded"] = int((~keep).sum())
     return out
