@@ -558,8 +558,7 @@ def _topk_block(q, refs, n, kk, group):
     """
     s = tf.matmul(q, refs, transpose_b=True)  # [B, N (padded)]
     if group <= 1:
-        top, cols = tf.math.top_k(s, k=kk)
-        return cols, top
+        return tf.math.top_k(s, k=kk).indices
     b = tf.shape(s)[0]
     maxima = tf.reduce_max(tf.reshape(s, [b, -1, group]), axis=2)
     _, chosen = tf.math.top_k(maxima, k=kk + 1)
@@ -568,16 +567,16 @@ def _topk_block(q, refs, n, kk, group):
     cols = tf.reshape(cols, [b, -1])
     vals = tf.gather(s, cols, batch_dims=1)
     vals = tf.where(cols < n, vals, -np.inf)
-    top, pos = tf.math.top_k(vals, k=kk)
-    return tf.gather(cols, pos, batch_dims=1), top
+    pos = tf.math.top_k(vals, k=kk).indices
+    return tf.gather(cols, pos, batch_dims=1)
 
 
-def _topk_neighbors(q, r, self_idx, k, block_size, group=None):
+def _topk_neighbors(q, r, self_idx, k, block_size):
     """[Nq, k] reference indices of each query's top k, self removed."""
     n = len(r)
     extra = int(np.any(self_idx >= 0))
     kk = min(k + extra, n)
-    group = _TOPK_GROUP if group is None else int(group)
+    group = _TOPK_GROUP
     if n // max(group, 1) < _TOPK_MIN_RATIO * (kk + 1):
         group = 1
     if group > 1 and n % group:
@@ -588,7 +587,7 @@ def _topk_neighbors(q, r, self_idx, k, block_size, group=None):
     refs = tf.constant(r)
     out = np.empty((len(q), kk), np.int64)
     for b0 in range(0, len(q), bq):
-        cols, _ = _topk_block(
+        cols = _topk_block(
             tf.constant(q[b0 : b0 + bq]),
             refs,
             tf.constant(n),
@@ -639,7 +638,7 @@ def _metrics_from_relevance(rel, num_relevant, names):
     return out
 
 
-def _metrics_topk(q, ql, r, rl, self_idx, names, block_size, group=None):
+def _metrics_topk(q, ql, r, rl, self_idx, names, block_size):
     """Exact top-R metrics from each query's first max(R_max, K) refs."""
     _, _, _, big_r, _ = _class_tables(ql, rl, self_idx)
     extra = int(np.any(self_idx >= 0))
@@ -649,7 +648,7 @@ def _metrics_topk(q, ql, r, rl, self_idx, names, block_size, group=None):
     if len(r) - extra < 1:
         rel = np.zeros((len(q), 1), bool)
     else:
-        nb = _topk_neighbors(q, r, self_idx, k, block_size, group)
+        nb = _topk_neighbors(q, r, self_idx, k, block_size)
         rel = (nb >= 0) & (rl[np.maximum(nb, 0)] == ql[:, None])
     return _metrics_from_relevance(rel, big_r, names)
 
