@@ -396,6 +396,16 @@ def _images(n, channels_first, seed=0):
     return rng.random(shape, dtype=np.float32)
 
 
+def _first_and_warm(run):
+    """(output, seconds of the first call, seconds of a second call)."""
+    t = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    run()
+    return out, first, time.perf_counter() - t
+
+
 def _embed_cases(n, first, warm):
     return [
         {"case": f"embed {n:,} images, first call", "seconds": first},
@@ -430,12 +440,7 @@ def tfdml_embed(cfg, unit):
             out = embed(encoder, images, batch_size=bs)
             return out["embeddings"] if isinstance(out, dict) else out
 
-    t = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    run()
-    warm = time.perf_counter() - t
+    out, first, warm = _first_and_warm(run)
     assert out.shape == (len(images), DIM), out.shape
     return {"cases": _embed_cases(len(images), first, warm), "mode": mode}
 
@@ -459,12 +464,7 @@ def pml_embed(cfg, unit):
                 ]
             ).numpy()
 
-    t = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    run()
-    warm = time.perf_counter() - t
+    out, first, warm = _first_and_warm(run)
     assert out.shape == (len(images), DIM), out.shape
     return {
         "cases": _embed_cases(len(images), first, warm),
