@@ -1,6 +1,9 @@
 """Retrieval evaluation: embedding, exact metrics, indexes, a Keras callback,
 plots."""
 
+from tfdml.eval.calibrate import CalibrationResult  # noqa: F401
+from tfdml.eval.calibrate import calibrate  # noqa: F401
+from tfdml.eval.calibrate import precision_recall_at  # noqa: F401
 from tfdml.eval.callbacks import RetrievalEvaluationCallback  # noqa: F401
 from tfdml.eval.embed import embed  # noqa: F401
 from tfdml.eval.embed import embedding_function  # noqa: F401

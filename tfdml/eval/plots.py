@@ -124,3 +124,36 @@ def retrieval_grid_from_embeddings(
         nb,
         path,
     )
+
+
+def plot_precision_recall(calibration, path, title="Precision-recall"):
+    """The precision-recall curve of :func:`tfdml.eval.calibrate` with its
+    chosen threshold marked. ``calibration``: a ``CalibrationResult`` (or
+    its ``to_dict(curve=True)``). Returns ``path``."""
+    c = calibration if isinstance(calibration, dict) else vars(calibration)
+    for key in ("precisions", "recalls", "threshold", "precision", "recall"):
+        if key not in c:
+            raise ValueError(
+                f"`calibration` has no {key!r}; pass the result of "
+                "tfdml.eval.calibrate (or its to_dict(curve=True))."
+            )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=100)
+    ax.plot(c["recalls"], c["precisions"], lw=1.5, label=c.get("mode", ""))
+    label = f"t = {c['threshold']:.3f}: P {c['precision']:.3f}, "
+    label += f"R {c['recall']:.3f}"
+    ax.plot([c["recall"]], [c["precision"]], "o", color="red", label=label)
+    if c.get("target_precision") is not None:
+        ax.axhline(c["target_precision"], color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -19,6 +19,12 @@ Signatures (input names in brackets; ``K`` = the export's default k):
 ``embed_and_search_default``  ``images`` -> top ``K``
 ==========================  ==============================================
 
+With a ``threshold`` (a cosine similarity, e.g. from
+:func:`tfdml.eval.calibrate`), every search signature also returns
+``matched`` bool [B, k]: ``scores >= threshold`` (the same item / class
+for verification). The threshold is stored in the SavedModel as the
+variable ``threshold`` of the gallery.
+
 Inputs are declared with unknown shape so that every check runs in the graph
 and a bad request gets an ``InvalidArgument`` error whose message names the
 input: wrong rank, wrong image size or channels, wrong embedding size,
@@ -271,10 +277,14 @@ def images_to_float(x, height, width, channels, name="gallery"):
 class _Gallery(tf.Module):
     """Gallery embeddings and ids, tracked by the archive."""
 
-    def __init__(self, embeddings, ids):
+    def __init__(self, embeddings, ids, threshold=None):
         super().__init__()
         self.embeddings = tf.Variable(embeddings, trainable=False)
         self.ids = tf.Variable(ids, trainable=False, dtype=tf.string)
+        if threshold is not None:
+            self.threshold = tf.Variable(
+                float(threshold), trainable=False, dtype=tf.float32
+            )
 
 
 class _ScannHolder(tf.Module):
@@ -394,8 +404,10 @@ def build_archive(
     index="brute_force",
     k=10,
     scann_options=None,
+    threshold=None,
 ):
-    """(ExportArchive, SaveOptions) for one index variant."""
+    """(ExportArchive, SaveOptions) for one index variant (``threshold``:
+    see :func:`check_threshold`; adds ``matched`` to the searches)."""
     import keras
 
     h, w, c = _encoder_geometry(encoder)
@@ -404,7 +416,10 @@ def build_archive(
     k_default = int(k)
     if not 1 <= k_default <= n:
         raise ValueError(f"`k` must be in [1, {n}]; received {k}.")
-    gallery = _Gallery(emb, np.asarray(gallery_ids).astype(str).astype(bytes))
+    threshold = check_threshold(threshold)
+    gallery = _Gallery(
+        emb, np.asarray(gallery_ids).astype(str).astype(bytes), threshold
+    )
     archive = keras.export.ExportArchive()
     archive.track(encoder)
     archive.track(gallery)
@@ -455,16 +470,15 @@ def build_archive(
         q = _check_embeddings(q, d)
         kk = _check_k(kk, max_k)
         idx, scores = raw_search(q, kk)
-        return {
-            "ids": tf.gather(gallery.ids, idx),
-            "scores": scores,
-        }
+        out = {"ids": tf.gather(gallery.ids, idx), "scores": scores}
+        if threshold is not None:
+            out["matched"] = scores >= gallery.threshold
+        return out
 
     def search_fixed(q):
         out = search(q, tf.constant(k_default, tf.int32))
         return {
-            "ids": tf.ensure_shape(out["ids"], [None, k_default]),
-            "scores": tf.ensure_shape(out["scores"], [None, k_default]),
+            key: tf.ensure_shape(v, [None, k_default]) for key, v in out.items()
         }
 
     def embed(images):
@@ -511,6 +525,26 @@ def build_archive(
     return archive, options
 
 
+def check_threshold(threshold):
+    """``threshold`` as a float, or None; ValueError unless it is a finite
+    cosine similarity in [-1, 1]."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(
+        threshold, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(
+            "`threshold` must be a number in [-1, 1] (a cosine similarity) "
+            f"or None; received {threshold!r}."
+        )
+    if not -1.0 <= float(threshold) <= 1.0:  # NaN fails too
+        raise ValueError(
+            "`threshold` must be a finite cosine similarity in [-1, 1]; "
+            f"received {threshold!r}."
+        )
+    return float(threshold)
+
+
 def default_ids(n, labels=None):
     """``"<index>"`` or, with labels, ``"<index>/<label>"``."""
     if labels is None:
@@ -532,6 +566,7 @@ def export_saved_model(
     k=10,
     batch_size=128,
     scann_options=None,
+    threshold=None,
 ):
     """Writes ``out_dir/<name>/<version>/`` (and ``<name>_scann`` for both).
 
@@ -551,6 +586,9 @@ def export_saved_model(
       k: default k of the ``*_default`` signatures.
       batch_size: embedding batch size.
       scann_options: keyword arguments of ``tfdml.eval.index.scann_builder``.
+      threshold: optional similarity threshold in [-1, 1] (e.g.
+        ``tfdml.eval.calibrate(...).threshold``): the search signatures
+        then also return ``matched = scores >= threshold``.
 
     Returns:
       ``{variant: path}`` of the written SavedModels.
@@ -560,8 +598,9 @@ def export_saved_model(
         gallery (see :func:`validate_gallery`), ``database`` embeddings
         that are empty, not finite or not the encoder's size, labels or
         ids that are not one per item, or a bad ``index`` / ``version`` /
-        ``k``.
+        ``k`` / ``threshold``.
     """
+    threshold = check_threshold(threshold)
     index = _ALIASES.get(index, index)
     if index not in INDEX_CHOICES:
         raise ValueError(
@@ -606,7 +645,7 @@ def export_saved_model(
         )
         path = os.path.join(out_dir, model_name, str(int(version)))
         archive, options = build_archive(
-            encoder, database, ids, v, k, scann_options
+            encoder, database, ids, v, k, scann_options, threshold
         )
         archive.write_out(path, options=options, verbose=False)
         written[v] = path
