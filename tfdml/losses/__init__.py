@@ -18,6 +18,10 @@ from tfdml.losses.npairs import NPairsLoss  # noqa: F401
 from tfdml.losses.npairs import npairs  # noqa: F401
 from tfdml.losses.osm_caa import WeightedContrastiveLoss  # noqa: F401
 from tfdml.losses.osm_caa import weighted_contrastive  # noqa: F401
+from tfdml.losses.supcon import NTXentLoss  # noqa: F401
+from tfdml.losses.supcon import SupConLoss  # noqa: F401
+from tfdml.losses.supcon import nt_xent  # noqa: F401
+from tfdml.losses.supcon import supcon  # noqa: F401
 from tfdml.losses.tfa import LiftedStructLoss  # noqa: F401
 from tfdml.losses.tfa import NpairsLoss  # noqa: F401
 from tfdml.losses.tfa import TfaContrastiveLoss  # noqa: F401
