@@ -100,7 +100,9 @@ def test_edge_batches(kind, name):
         per = loss.per_anchor(x, tf.constant(labels))
         total = tf.reduce_mean(per)
     grad = tape.gradient(total, x)
-    np.testing.assert_allclose(per.numpy(), fn(emb, labels), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        per.numpy(), fn(emb, labels), rtol=RTOL, atol=ATOL
+    )
     assert np.all(np.isfinite(grad.numpy()))
     if name == "all_singletons":
         assert float(total) == 0.0
