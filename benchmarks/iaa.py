@@ -79,12 +79,24 @@ def run(name, spec, args):
     )
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
     start = time.perf_counter()
-    model.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+    model.fit(
+        ds,
+        steps_per_epoch=args.warmup,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+    )
     first = time.perf_counter() - start
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        hist = model.fit(ds, steps_per_epoch=args.steps, epochs=1, verbose=0)
+        hist = model.fit(
+            ds,
+            steps_per_epoch=args.steps,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
         times.append((time.perf_counter() - start) / args.steps)
     return {
         "name": name,

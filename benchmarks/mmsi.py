@@ -87,6 +87,7 @@ def run(kind, args, jit):
         epochs=1,
         verbose=0,
         callbacks=[timer],
+        shuffle=False,
     )
     return timer.times[0], float(np.median(timer.times[args.warmup :]))
 

@@ -503,11 +503,21 @@ def tfdml_train(cfg, unit):
         optimizer=keras.optimizers.Adam(1e-3), loss=vs_pml.tfdml_loss("ms")
     )
     t = time.perf_counter()
-    model.fit(ds, steps_per_epoch=cfg["train_warmup"], epochs=1, verbose=0)
+    model.fit(
+        ds,
+        steps_per_epoch=cfg["train_warmup"],
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+    )
     warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     hist = model.fit(
-        ds, steps_per_epoch=cfg["train_steps"], epochs=1, verbose=0
+        ds,
+        steps_per_epoch=cfg["train_steps"],
+        epochs=1,
+        verbose=0,
+        shuffle=False,
     )
     seconds = time.perf_counter() - t
     loss = float(hist.history["loss"][-1])

@@ -64,7 +64,13 @@ def run(name, spec, args):
         )
         ds = dataset(args.size, args.classes, args.per_class)
         start = time.perf_counter()
-        model.fit(ds, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+        model.fit(
+            ds,
+            steps_per_epoch=args.warmup,
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         steps = args.steps
@@ -73,7 +79,9 @@ def run(name, spec, args):
         ):
             # float16 convolutions are emulated on CPU (~40x slower).
             steps = min(steps, args.slow_steps)
-        hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+        hist = model.fit(
+            ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False
+        )
         elapsed = time.perf_counter() - start
     finally:
         keras.config.set_dtype_policy("float32")

@@ -3,6 +3,7 @@
 
     python export/export.py --run RUN_DIR --out OUT_DIR [--gallery G.npz]
         [--name NAME] [--version N] [--index brute_force|scann|both] [--k 10]
+        [--threshold T | --target-precision P [--calibration-mode M]]
 
 Reads ``RUN_DIR/best_encoder.keras`` and the resolved config of
 ``RUN_DIR/config.yaml`` through ``tfdml.training.run_dir`` (the image size
@@ -13,6 +14,10 @@ with ``X`` uint8 [N, H, W] or [N, H, W, C], ``y`` int labels, optional
 when RUN_DIR is not a tfdml run. Writes
 ``OUT_DIR/<name>/<version>/`` (and ``OUT_DIR/<name>_scann/<version>/`` with
 ``--index both``); see ``tfdml/export/saved_model.py`` for the signatures.
+``--threshold`` (a cosine similarity) or ``--target-precision`` (calibrated
+on the run's validation classes, ``tfdml.eval.calibrate``) make the search
+signatures also return ``matched``; without either, the run config's
+``export.threshold`` / ``export.target_precision`` apply.
 """
 
 import argparse
@@ -37,6 +42,21 @@ def _parse(argv):
     )
     p.add_argument("--k", type=int, default=10, help="default k")
     p.add_argument("--encoder", default="best_encoder.keras")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="similarity threshold of the matched flag, in [-1, 1]",
+    )
+    p.add_argument(
+        "--target-precision",
+        type=float,
+        default=None,
+        help="calibrate the threshold for this precision on the val split",
+    )
+    p.add_argument(
+        "--calibration-mode", default=None, choices=["pairs", "nearest"]
+    )
     return p.parse_args(argv)
 
 
@@ -54,6 +74,9 @@ def main(argv=None):
             name=args.name,
             version=args.version,
             k=args.k,
+            threshold=args.threshold,
+            target_precision=args.target_precision,
+            calibration_mode=args.calibration_mode,
         )
     except ValueError as e:
         print(f"export.py: error: {e}", file=sys.stderr)

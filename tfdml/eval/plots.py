@@ -157,3 +157,78 @@ def plot_precision_recall(calibration, path, title="Precision-recall"):
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def read_history(path):
+    """``{column: [float per row]}`` of a Keras ``CSVLogger`` file (empty
+    cells, e.g. epochs without an evaluation, are NaN)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"`{path}` has no rows (no epoch finished).")
+
+    def num(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+    return {k: [num(r.get(k)) for r in rows] for k in rows[0]}
+
+
+def plot_training_curves(history, path, monitor="val_map@r"):
+    """Training curves per epoch: the loss, the mean positive / negative
+    similarity (``pos_sim`` / ``neg_sim``) and the validation ``monitor``,
+    one panel each (panels whose columns are absent are left out).
+
+    Args:
+      history: a ``CSVLogger`` file (``history.csv``) or ``{column:
+        values}`` with an ``epoch`` column (0-based).
+      path: output PNG.
+      monitor: the validation column of the third panel.
+
+    Returns ``path``.
+    """
+    h = (
+        read_history(history)
+        if isinstance(history, (str, os.PathLike))
+        else history
+    )
+    if "epoch" not in h:
+        raise ValueError(
+            f"`history` has no 'epoch' column; received columns {sorted(h)}."
+        )
+    epochs = np.asarray(h["epoch"], np.float64) + 1
+    panels = [
+        ("loss", [("loss", "loss")]),
+        ("similarity", [("pos_sim", "positive"), ("neg_sim", "negative")]),
+        (monitor, [(monitor, monitor)]),
+    ]
+    panels = [(t, [c for c in cols if c[0] in h]) for t, cols in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        raise ValueError(
+            f"`history` has none of loss, pos_sim, neg_sim, {monitor}; "
+            f"received columns {sorted(h)}."
+        )
+    plt = _plt()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=100, squeeze=False
+    )
+    for ax, (title, cols) in zip(axes[0], panels):
+        for key, label in cols:
+            v = np.asarray(h[key], np.float64)
+            ok = np.isfinite(v)
+            ax.plot(epochs[ok], v[ok], marker="o", ms=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(cols) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -85,6 +85,10 @@ def make_callbacks_module():
             if self.state.nan is None:
                 self.inner.on_epoch_end(epoch, logs)
 
+        def on_train_batch_end(self, batch, logs=None):
+            if self.state.nan is None:
+                self.inner.on_train_batch_end(batch, logs)
+
         def on_train_end(self, logs=None):
             self.inner.on_train_end(logs)
 
@@ -154,7 +158,7 @@ def chief_callbacks(cfg, built, parts, run_dir, state, checkpointer):
     NaNGuard, Guarded, BestEncoder, EpochCheckpoint = make_callbacks_module()
     cbs = [NaNGuard(state, cfg["train"]["debug_inject_nan_at_step"])]
     cbs += [Guarded(cb, state) for cb in parts.callbacks]
-    evaluator = validation_callback(cfg, built, parts)
+    evaluator = validation_callback(cfg, built, parts, run_dir)
     if evaluator is not None:
         cbs.append(Guarded(evaluator, state))
         cbs.append(
@@ -213,15 +217,18 @@ def recalibrate(cfg, built, encoder):
     return recalibrate_batchnorm(encoder, ds, num_batches=num)
 
 
-def validation_callback(cfg, built, parts):
+def validation_callback(cfg, built, parts, run_dir=None):
     """H3's retrieval evaluation on the validation classes (``val_*``).
 
     With ``eval.recalibrate_bn`` the encoder's BatchNorm statistics are
     recalibrated on training batches before every evaluation (so the saved
-    best encoder carries statistics that describe its weights)."""
+    best encoder carries statistics that describe its weights). With a
+    ``run_dir``: ``eval.every_n_steps`` evaluations are logged to
+    ``tb/eval_steps``, ``eval.projector`` files go to ``tb/projector``."""
     from tfdml import eval as eval_lib
 
     ev = cfg["eval"]
+    tb = os.path.join(run_dir, "tb") if run_dir else None
     recal_ds, recal_n = recalibration_data(cfg, built, parts.encoder)
     return eval_lib.RetrievalEvaluationCallback(
         built.data.eval_dataset("val", ev["batch_size"]),
@@ -237,4 +244,15 @@ def validation_callback(cfg, built, parts):
         },
         recalibrate_data=recal_ds,
         recalibrate_batches=recal_n,
+        every_n_steps=ev["every_n_steps"],
+        step_log_dir=(
+            os.path.join(tb, "eval_steps")
+            if tb and ev["every_n_steps"]
+            else None
+        ),
+        projector_dir=(
+            os.path.join(tb, "projector") if tb and ev["projector"] else None
+        ),
+        projector_points=ev["projector_points"],
+        projector_seed=cfg["train"]["seed"],
     )

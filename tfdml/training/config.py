@@ -319,6 +319,28 @@ SCHEMA = {
     },
     "eval": {
         "every_n_epochs": Field(int, 1, _ge(1)),
+        "every_n_steps": Field(
+            int,
+            None,
+            _ge(1),
+            nullable=True,
+            doc="also evaluate every N training steps (TensorBoard tags "
+            "val_*_by_step in tb/eval_steps; epoch-end evaluations, history "
+            "and the best encoder are unchanged)",
+        ),
+        "projector": Field(
+            bool,
+            False,
+            doc="write the TensorBoard embedding projector files (labels, "
+            "image sprite) of the validation embeddings to tb/projector at "
+            "every epoch-end evaluation",
+        ),
+        "projector_points": Field(
+            int,
+            1000,
+            lambda v: None if 1 <= v <= 10000 else "must be in [1, 10000]",
+            doc="validation items shown in the projector (a seeded sample)",
+        ),
         "monitor": Field(
             str,
             "map@r",
@@ -357,6 +379,29 @@ SCHEMA = {
         "dir": Field(str, None, nullable=True, doc="default RUN_DIR/export"),
         "index": Field(
             str, "bruteforce", _choice("bruteforce", "scann", "both")
+        ),
+        "threshold": Field(
+            float,
+            None,
+            lambda v: None if -1.0 <= v <= 1.0 else "must be in [-1, 1]",
+            nullable=True,
+            doc="cosine-similarity threshold: the search signatures also "
+            "return matched = scores >= threshold",
+        ),
+        "target_precision": Field(
+            float,
+            None,
+            lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
+            nullable=True,
+            doc="calibrate the threshold on the validation classes for this "
+            "precision (tfdml.eval.calibrate); exclusive with threshold",
+        ),
+        "calibration_mode": Field(
+            str,
+            "pairs",
+            _choice("pairs", "nearest"),
+            doc="what target_precision is measured on: same-class pairs, or "
+            "each query's nearest match",
         ),
     },
 }
@@ -514,6 +559,12 @@ def _cross_checks(cfg):
             "train.jit_compile",
             "XLA does not work with a distribution strategy in TF 2.20 "
             "(resource on another device); set it to false",
+        )
+    ex = cfg["export"]
+    if ex["threshold"] is not None and ex["target_precision"] is not None:
+        raise ConfigError(
+            "export.target_precision",
+            "give export.threshold or export.target_precision, not both",
         )
     opt = cfg["optimizer"]
     if opt["schedule"] == "multistep" and not opt["milestones"]:

@@ -1,6 +1,7 @@
 """What a finished run reports: the final encoder, the test evaluation
-(``eval_test.json``), plots, the optional export, and the export of a run
-folder (``export/export.py``).
+(``eval_test.json``), plots, the optional export (with its calibrated
+verification threshold), and the export of a run folder
+(``export/export.py``).
 """
 
 import json
@@ -61,24 +62,83 @@ def finish(cfg, built, parts, run_dir, state):
     if os.path.exists(best_path):
         best = keras.saving.load_model(best_path, compile=False)
         report["best"], _, _ = evaluate_split(cfg, best, ds)
+    calibration = None
+    if cfg["export"]["enabled"]:
+        calibration = calibrate_threshold(cfg, built, parts.encoder, emb, y)
+        if calibration is not None:
+            report["calibration"] = calibration["summary"]
     run_dir_lib.atomic_write(
         os.path.join(run_dir, "eval_test.json"), json.dumps(report, indent=2)
     )
     if cfg["eval"]["plots"]:
         n = min(len(y), 2000)
         x, _ = built.data.arrays("test", limit=n)
-        _plots(cfg, run_dir, emb[:n], x, y[:n], report)
+        _plots(cfg, run_dir, emb[:n], x, y[:n], report, calibration)
     if cfg["export"]["enabled"]:
-        export_encoder(cfg, run_dir, parts.encoder, emb, y)
+        threshold = calibration["summary"]["threshold"] if calibration else None
+        export_encoder(cfg, run_dir, parts.encoder, emb, y, threshold)
     _print_summary(report)
     return report
 
 
-def _plots(cfg, run_dir, emb, x, y, report):
+def calibrate_threshold(cfg, built, encoder, test_emb, test_labels):
+    """The export's verification threshold: ``export.threshold``, or
+    calibrated on the validation classes for ``export.target_precision``
+    (:func:`tfdml.eval.calibrate`), with its precision / recall on the test
+    classes. None when neither is set.
+
+    Returns:
+      ``{"summary": JSON-ready dict, "result": CalibrationResult or None}``.
+    """
+    from tfdml.eval import calibrate
+    from tfdml.eval import precision_recall_at
+
+    ex = cfg["export"]
+    mode = ex["calibration_mode"]
+    seed = cfg["train"]["seed"]
+    if ex["target_precision"] is not None:
+        val_ds = built.data.eval_dataset("val", cfg["eval"]["batch_size"])
+        val_emb, val_y = embed_dataset(encoder, val_ds)
+        result = calibrate(
+            val_emb,
+            val_y,
+            target_precision=ex["target_precision"],
+            mode=mode,
+            seed=seed,
+        )
+        summary = {"split": "val", **result.to_dict()}
+    elif ex["threshold"] is not None:
+        result = None
+        summary = {"split": None, "threshold": ex["threshold"], "mode": mode}
+    else:
+        return None
+    summary["test"] = precision_recall_at(
+        summary["threshold"], test_emb, test_labels, mode=mode, seed=seed
+    )
+    return {"summary": plain(summary), "result": result}
+
+
+def _plots(cfg, run_dir, emb, x, y, report, calibration=None):
     from tfdml.eval import plots
 
     out = os.path.join(run_dir, "plots")
     os.makedirs(out, exist_ok=True)
+    history = os.path.join(run_dir, run_dir_lib.HISTORY_FILE)
+    if os.path.exists(history):
+        try:
+            plots.plot_training_curves(
+                history,
+                os.path.join(out, "training_curves.png"),
+                monitor="val_" + cfg["eval"]["monitor"],
+            )
+        except ValueError as e:  # e.g. a history without any column
+            print(f"training_curves.png not written: {e}")
+    if calibration is not None and calibration["result"] is not None:
+        plots.plot_precision_recall(
+            calibration["result"],
+            os.path.join(out, "precision_recall.png"),
+            title="Precision-recall (validation)",
+        )
     plots.plot_recall_at_k(
         {
             "final": report["final"],
@@ -95,7 +155,7 @@ def _plots(cfg, run_dir, emb, x, y, report):
     )
 
 
-def export_encoder(cfg, run_dir, encoder, db_emb, db_labels):
+def export_encoder(cfg, run_dir, encoder, db_emb, db_labels, threshold=None):
     from tfdml import export as export_lib
 
     out = cfg["export"]["dir"] or os.path.join(run_dir, "export")
@@ -106,6 +166,7 @@ def export_encoder(cfg, run_dir, encoder, db_emb, db_labels):
         database=db_emb,
         database_labels=db_labels,
         index="brute_force" if index == "bruteforce" else index,
+        threshold=threshold,
     )
     print(f"exported SavedModel(s): {written}")
     return written
@@ -183,9 +244,18 @@ def export_run(
     name="tfdml",
     version=1,
     k=10,
+    threshold=None,
+    target_precision=None,
+    calibration_mode=None,
 ):
     """Exports a loaded run (:func:`load_run`) with the gallery of
     :func:`load_gallery` as ``out/<name>/<version>/``.
+
+    The search signatures return ``matched`` when a verification threshold
+    is given: ``threshold``, or one calibrated for ``target_precision`` on
+    the run's validation classes (:func:`tfdml.eval.calibrate`,
+    ``calibration_mode`` ``"pairs"`` / ``"nearest"``); with neither, the
+    run config's ``export.threshold`` / ``export.target_precision``.
 
     Returns:
       ``{variant: path}`` of the written SavedModel(s).
@@ -205,6 +275,9 @@ def export_run(
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
     images = saved_model.images_to_float(x, h, w, c)
+    threshold = _export_threshold(
+        encoder, cfg, threshold, target_precision, calibration_mode
+    )
     return saved_model.export_saved_model(
         encoder,
         out,
@@ -215,4 +288,43 @@ def export_run(
         name=name,
         version=version,
         k=k,
+        threshold=threshold,
     )
+
+
+def _export_threshold(encoder, cfg, threshold, target_precision, mode):
+    """The export's threshold (see :func:`export_run`), or None."""
+    from tfdml.export import saved_model
+
+    if threshold is not None and target_precision is not None:
+        raise ValueError(
+            "give --threshold or --target-precision, not both; received "
+            f"{threshold} and {target_precision}."
+        )
+    ex = cfg.get("export") or {}
+    if threshold is None and target_precision is None:
+        threshold = ex.get("threshold")
+        target_precision = ex.get("target_precision")
+    mode = mode or ex.get("calibration_mode") or "pairs"
+    if target_precision is None:
+        return saved_model.check_threshold(threshold)
+    from tfdml.data import load_split_arrays
+    from tfdml.eval import calibrate
+    from tfdml.eval.embed import embed
+
+    h, w, c = saved_model._encoder_geometry(encoder)
+    x, y = load_split_arrays(cfg, "val")[:2]
+    emb = embed(encoder, saved_model.images_to_float(x, h, w, c, "val"))
+    result = calibrate(
+        emb,
+        np.asarray(y).reshape(-1),
+        target_precision=target_precision,
+        mode=mode,
+        seed=(cfg.get("train") or {}).get("seed", 0),
+    )
+    print(
+        f"calibrated on the validation classes ({mode}): threshold "
+        f"{result.threshold:.4f}, precision {result.precision:.4f}, recall "
+        f"{result.recall:.4f}"
+    )
+    return result.threshold

@@ -1,0 +1,124 @@
+"""A train.py run with the issue-16 extras: no Keras shuffle warning, step
+evaluations, the embedding projector, training-curve and PR-curve PNGs, a
+calibrated export threshold and the SavedModel's ``matched`` flag."""
+
+import glob
+import importlib.util
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfdml.models  # noqa: F401  (registers the encoder's layers)
+from tests.test_train import SMOKE
+from tests.test_train import _run
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _scalars(folder, tag):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(folder, {"tensors": 0})
+    acc.Reload()
+    return [e.step for e in acc.Tensors(tag)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("extras") / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = _run(
+            run_dir,
+            "eval.every_n_steps=2",
+            "eval.projector=true",
+            "eval.projector_points=8",
+            "export.enabled=true",
+            "export.target_precision=0.3",
+        )
+    assert status == 0
+    return run_dir, [str(w.message) for w in caught]
+
+
+def test_fit_emits_no_shuffle_warning(run):
+    _, messages = run
+    assert not [m for m in messages if "shuffle" in m], messages
+
+
+def test_step_evaluations_and_projector(run):
+    run_dir, _ = run
+    # smoke.yaml: 3 epochs x 4 steps; evaluations at steps 2, 4, ..., 12.
+    steps = _scalars(str(run_dir / "tb" / "eval_steps"), "val_map@r_by_step")
+    assert steps == [2, 4, 6, 8, 10, 12]
+    proj = run_dir / "tb" / "projector"
+    names = set(os.listdir(proj))
+    assert {
+        "projector_config.pbtxt",
+        "embeddings.tsv",
+        "metadata.tsv",
+        "sprite.png",
+    } <= names
+    assert glob.glob(str(proj / "events.out.tfevents.*"))
+    rows = (proj / "metadata.tsv").read_text().splitlines()
+    assert rows[0] == "label\tindex" and len(rows) == 9
+    emb = np.loadtxt(proj / "embeddings.tsv", delimiter="\t")
+    assert emb.shape == (8, 16)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+
+
+def test_plots_and_calibration_report(run):
+    run_dir, _ = run
+    names = set(os.listdir(run_dir / "plots"))
+    assert {"training_curves.png", "precision_recall.png"} <= names
+    report = json.loads((run_dir / "eval_test.json").read_text())
+    cal = report["calibration"]
+    assert cal["split"] == "val" and cal["target_precision"] == 0.3
+    assert cal["precision"] >= 0.3 and -1 <= cal["threshold"] <= 1
+    assert set(cal["test"]) == {"precision", "recall", "f1", "num_pairs"}
+
+
+def test_export_matched_flag_uses_the_calibrated_threshold(run, tmp_path):
+    run_dir, _ = run
+    report = json.loads((run_dir / "eval_test.json").read_text())
+    thr = report["calibration"]["threshold"]
+    (path,) = glob.glob(str(run_dir / "export" / "tfdml" / "1"))
+    m = tf.saved_model.load(path)
+    q = m.signatures["search"](
+        embeddings=tf.constant(np.eye(3, 16, dtype=np.float32)),
+        k=tf.constant(5),
+    )
+    np.testing.assert_array_equal(
+        q["matched"].numpy(), q["scores"].numpy() >= np.float32(thr)
+    )
+    # export/export.py: --threshold overrides, a bad one exits 2.
+    spec = importlib.util.spec_from_file_location(
+        "export_cli", os.path.join(ROOT, "export", "export.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "m"
+    written = cli.main(
+        ["--run", str(run_dir), "--out", str(out), "--threshold", "-1"]
+    )
+    m2 = tf.saved_model.load(written["brute_force"])
+    o = m2.signatures["search_default"](
+        embeddings=tf.constant(np.eye(2, 16, dtype=np.float32))
+    )
+    assert o["matched"].numpy().all()  # every score >= -1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--run", str(run_dir), "--out", str(out), "--threshold", "2"])
+    assert e.value.code == 2
+
+
+def test_smoke_config_is_unchanged():
+    # The run above relies on smoke.yaml's 3 epochs x 4 steps.
+    from tfdml import config as config_lib
+
+    cfg = config_lib.load(SMOKE)
+    assert (cfg["train"]["epochs"], cfg["train"]["steps_per_epoch"]) == (3, 4)
