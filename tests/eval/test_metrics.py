@@ -420,3 +420,23 @@ def test_top_path_padding_group_takes_no_needed_slot(monkeypatch):
     want = reference(q, [1], r, rl, ks=(4, 5), normalize=False)
     assert want["recall@5"] == 1.0 and want["recall@4"] == 0.0
     assert got["recall@5"] == 1.0 and got["recall@4"] == 0.0
+
+
+def test_top_path_blocks_share_one_shape(monkeypatch):
+    # A query count that is not a multiple of the block size: the last block
+    # is padded, so every block has the same shape and a fresh process
+    # traces the selection once (a shorter last block traced it twice).
+    from tfdml.eval import metrics as m
+
+    x, y = clustered(3, 23, 4, 5)
+    shapes = []
+    real = m._topk_block
+    monkeypatch.setattr(
+        m,
+        "_topk_block",
+        lambda q, *a: shapes.append(tuple(q.shape)) or real(q, *a),
+    )
+    got = retrieval_metrics(x, y, metrics=TOP, block_size=5)
+    assert len(shapes) == 5 and len(set(shapes)) == 1, shapes
+    want = reference(x, y)
+    assert_same(got, {k: v for k, v in want.items() if k in got})

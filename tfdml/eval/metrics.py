@@ -584,6 +584,12 @@ def _topk_neighbors(q, r, self_idx, k, block_size):
             [r, np.zeros((group - n % group, r.shape[1]), r.dtype)]
         )
     bq = max(1, min(int(block_size), _SCORE_BUDGET // max(len(r), 1)))
+    bq = min(bq, len(q))
+    nq = len(q)
+    if nq % bq:
+        # Every block has bq rows: one trace per process, not a second one
+        # for a shorter last block (the zero rows' results are dropped).
+        q = np.concatenate([q, np.zeros((bq - nq % bq, q.shape[1]), q.dtype)])
     refs = tf.constant(r)
     out = np.empty((len(q), kk), np.int64)
     for b0 in range(0, len(q), bq):
@@ -595,6 +601,7 @@ def _topk_neighbors(q, r, self_idx, k, block_size):
             group,
         )
         out[b0 : b0 + bq] = cols.numpy()
+    out = out[:nq]
     if extra:
         keep = out != self_idx[:, None]
         order = np.argsort(~keep, axis=1, kind="stable")
