@@ -228,3 +228,17 @@ def test_exported_matched_flag(tmp_path):
             export_saved_model(
                 enc, str(tmp_path / "b"), database=gal, threshold=bad
             )
+
+
+def test_f1_tie_goes_to_the_highest_threshold():
+    # Scores 0.9 (relevant), 0.8, 0.7, 0.6 (relevant): F1 = 2TP / (predicted
+    # + relevant) is 2/3 at t = 0.9 and at t = 0.6.
+    cos = np.array([0.9, 0.8, 0.7, 0.6])
+    refs = np.stack([cos, np.sqrt(1 - cos**2)], 1).astype(np.float32)
+    q = np.array([[1.0, 0.0]], np.float32)
+    labels = np.array([0, 1, 1, 0])
+    res = calibrate(q, [0], refs, labels)
+    assert res.f1 == pytest.approx(2 / 3)
+    assert res.threshold == pytest.approx(0.9)
+    assert (res.precision, res.recall) == (1.0, 0.5)
+    _check(res, _sweep(*_brute_pairs(q, np.array([0]), refs, labels)))

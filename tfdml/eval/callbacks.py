@@ -150,6 +150,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         self.projector_points = int(projector_points)
         self.projector_seed = projector_seed
         self._last = None  # (step, metrics, embeddings, labels)
+        self._projector_writer = None
 
     def _net(self):
         return self.encoder if self.encoder is not None else self.model
@@ -304,8 +305,11 @@ class RetrievalEvaluationCallback(callbacks.Callback):
             os.path.join(out, "projector_config.pbtxt"),
             text_format.MessageToString(config),
         )
-        # An event file makes the folder a TensorBoard run.
-        writer = tf.summary.create_file_writer(out)
+        # An event file makes the folder a TensorBoard run (one writer, so
+        # one event file, per callback).
+        if self._projector_writer is None:
+            self._projector_writer = tf.summary.create_file_writer(out)
+        writer = self._projector_writer
         with writer.as_default():
             tf.summary.text(
                 "projector",
@@ -313,7 +317,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
                 + ("" if epoch is None else f" after epoch {epoch + 1}"),
                 step=0 if epoch is None else epoch,
             )
-        writer.close()
+        writer.flush()
         return out
 
 

@@ -5,12 +5,15 @@ Layout (``docs/architecture.md``)::
   RUN_DIR/
     config.yaml          {"resolved": config, "objects": {...}}
     history.csv          CSVLogger
-    tb/                  TensorBoard logs
+    tb/                  TensorBoard logs (+ eval_steps/ with eval.every_n_steps,
+                         projector/ with eval.projector)
     checkpoints/         state.json + epoch-NNNNN.{index,data-*} checkpoints
     best_encoder.keras   best validation encoder
     final_encoder.keras  encoder at the end of training
     eval_test.json       metrics on the test classes
-    plots/               recall_at_k.png, retrieval_grid.png
+    plots/               recall_at_k.png, retrieval_grid.png,
+                         training_curves.png (+ precision_recall.png when the
+                         export threshold is calibrated)
     export/              the SavedModel(s) when ``export.enabled`` and
                          ``export.dir`` is empty (the default)
 
