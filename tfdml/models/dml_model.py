@@ -74,6 +74,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.proxy import ProxyLoss
 
 try:  # Keras 3 keeps these helpers outside the public API.
     from keras.src.losses.loss import scale_loss_for_distribution
@@ -193,8 +194,18 @@ class DMLModel(keras.Model):
     def call(self, inputs, training=None):
         return self.encoder(inputs, training=training)
 
-    def compile(self, optimizer="adam", loss=None, **kwargs):
-        """``keras.Model.compile`` with a pair loss (instance or spec).
+    def compile(
+        self, optimizer="adam", loss=None, proxy_optimizer=None, **kwargs
+    ):
+        """``keras.Model.compile`` with a pair loss (instance or spec) or a
+        proxy loss (:class:`tfdml.losses.ProxyLoss`, e.g. Proxy Anchor).
+
+        A proxy loss's weights become a sub-layer of the model (created here,
+        under the active strategy scope, with the encoder's embedding size),
+        so ``trainable_variables`` and checkpoints include them.
+        ``proxy_optimizer`` (proxy losses only): a second Keras optimizer
+        for the proxies (e.g. the same optimizer at 100x the learning rate);
+        without it ``optimizer`` updates them too.
 
         ``jit_compile`` is forced off under a multi-replica strategy (XLA
         cannot compile a MirroredStrategy step on CPU in TF 2.20).
@@ -203,13 +214,20 @@ class DMLModel(keras.Model):
             raise ValueError(
                 "DMLModel.compile needs a pair loss; received loss=None."
             )
-        if not isinstance(loss, PairLoss):
-            loss = registry.build(PairLoss, loss)
-            if loss is None or not isinstance(loss, PairLoss):
+        if not isinstance(loss, (PairLoss, ProxyLoss)):
+            loss = registry.build(_loss_base(loss), loss)
+            if loss is None or not isinstance(loss, (PairLoss, ProxyLoss)):
                 raise ValueError(
-                    "`loss` must be a tfdml.losses.PairLoss or its spec; "
-                    f"received loss={loss!r}."
+                    "`loss` must be a tfdml.losses.PairLoss or ProxyLoss or "
+                    f"its spec; received loss={loss!r}."
                 )
+        if isinstance(loss, ProxyLoss):
+            self._attach_proxies(loss)
+        elif proxy_optimizer is not None:
+            raise ValueError(
+                "`proxy_optimizer` is only used with a proxy loss "
+                f"(tfdml.losses.ProxyLoss); received loss={loss!r}."
+            )
         if kwargs.get("jit_compile") is True and self._mirrored():
             warnings.warn(
                 "jit_compile=True is not supported under a mirrored "
@@ -229,6 +247,46 @@ class DMLModel(keras.Model):
         resolve = getattr(self.memory, "resolve_reduction", None)
         if resolve is not None:
             resolve(loss)  # an unsupported memory reduction fails here
+        self.proxy_optimizer = None
+        if proxy_optimizer is not None:
+            proxy_optimizer = keras.optimizers.get(proxy_optimizer)
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                raise ValueError(
+                    "`proxy_optimizer` does not combine with loss scaling "
+                    "(a mixed_float16 policy); use one optimizer."
+                )
+            with self.distribute_strategy.scope():
+                proxy_optimizer.build(loss.trainable_variables)
+            self.proxy_optimizer = proxy_optimizer
+
+    def _attach_proxies(self, loss):
+        """Checks that the model can train a proxy loss and tracks its
+        weights (:class:`tfdml.losses.proxy.ProxyWeights`) as a sub-layer."""
+        if self.memory is not None or self.augmenter is not None:
+            raise ValueError(
+                f"{type(loss).__name__} is a proxy loss: it compares "
+                "embeddings with class proxies, not with reference rows, so "
+                "it cannot use a memory bank (XBM) or IAA references; "
+                f"received memory={self.memory!r}, "
+                f"augmenter={self.augmenter!r}."
+            )
+        if type(self).train_step is not DMLModel.train_step:
+            raise ValueError(
+                f"{type(self).__name__} (e.g. MMSI) needs a pair loss; "
+                f"received the proxy loss {type(loss).__name__}."
+            )
+        dim = None
+        output = getattr(self.encoder, "output", None)
+        if isinstance(output, dict) and "embeddings" in output:
+            dim = output["embeddings"].shape[-1]
+        if not loss.built and dim is None and loss.embedding_dim is None:
+            raise ValueError(
+                f"Cannot tell the embedding size of {self.encoder.name}: "
+                f"create {type(loss).__name__} with embedding_dim=..."
+            )
+        with self.distribute_strategy.scope():
+            loss.build(embedding_dim=dim)
+        self.proxy_layer = loss.proxy_layer
 
     def _mirrored(self):
         strategy = self.distribute_strategy
@@ -429,6 +487,10 @@ class DMLModel(keras.Model):
 
     def per_anchor_loss(self, batch, refs, pair_weights=None):
         """The compiled pair loss per anchor ``[B]`` (global batch)."""
+        if isinstance(getattr(self, "loss", None), ProxyLoss):
+            if pair_weights is not None:
+                raise ValueError("a proxy loss takes no `pair_weights`.")
+            return self.loss.per_anchor(batch["embeddings"], batch["labels"])
         context = {}
         if batch.get("probs") is not None:
             context["probs"] = batch["probs"]
@@ -607,7 +669,20 @@ class DMLModel(keras.Model):
                 scaled = self.optimizer.scale_loss(scaled)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        if getattr(self, "proxy_optimizer", None) is not None:
+            proxy_ids = {id(v) for v in self.loss.trainable_variables}
+            for opt, own in (
+                (self.optimizer, False),
+                (self.proxy_optimizer, True),
+            ):
+                pairs = [
+                    (g, v)
+                    for g, v in zip(grads, variables)
+                    if (id(v) in proxy_ids) == own
+                ]
+                opt.apply([g for g, _ in pairs], [v for _, v in pairs])
+        else:
+            self.optimizer.apply(grads, variables)
         self.apply_updates(state)
         return self.update_metrics(loss, state)
 
@@ -646,6 +721,19 @@ class DMLModel(keras.Model):
 
 
 CLASSIFICATION_LOSSES = ("sparse_ce", "gaussian_weighted")
+
+
+def _loss_base(spec):
+    """``ProxyLoss`` when ``spec`` names a registered proxy loss, else
+    ``PairLoss`` (for :func:`tfdml.registry.build`)."""
+    name = spec
+    if isinstance(spec, dict):
+        name = spec.get("name", spec.get("class_name", ""))
+    if isinstance(name, str):
+        name = name.split(">")[-1]
+        if name in registry.registered(ProxyLoss):
+            return ProxyLoss
+    return PairLoss
 
 
 def _weighted_mean(values, sample_weight=None):

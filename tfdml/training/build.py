@@ -101,8 +101,9 @@ def build_registry_object(cfg, section, base):
         raise ConfigError(_spec_key(section, spec, str(e)), str(e)) from None
 
 
-def build_loss(cfg):
-    """The pair loss with its miner and weighting from the config."""
+def build_loss(cfg, num_classes=None):
+    """The pair loss with its miner and weighting from the config (or a
+    proxy loss; ``num_classes``: its number of classes, from the data)."""
     import tfdml.losses  # noqa: F401  (registers every loss)
 
     if cfg["meta"]["method"] == "mmsi":
@@ -114,13 +115,18 @@ def build_loss(cfg):
 
     miner = build_registry_object(cfg, "miner", mining.Miner)
     weight = build_registry_object(cfg, "weighting", weighting.Weighting)
+    from tfdml.losses import ProxyLoss
+
     spec = dict(cfg["loss"])
+    proxy_losses = registry.registered(ProxyLoss)
+    if spec["name"] in proxy_losses:
+        return _build_proxy_loss(cfg, spec, num_classes, miner, weight)
     available = registry.registered(PairLoss)
     if spec["name"] not in available:
         raise ConfigError(
             "loss.name",
             f"unknown loss {spec['name']!r}; available: "
-            f"{', '.join(sorted(available))}",
+            f"{', '.join(sorted({**available, **proxy_losses}))}",
         )
     keys = _signature_keys(available[spec["name"]].__init__)
     if miner is not None:
@@ -140,6 +146,58 @@ def build_loss(cfg):
         return registry.build(PairLoss, spec)
     except (TypeError, ValueError) as e:
         raise ConfigError(_spec_key("loss", spec, str(e)), str(e)) from None
+
+
+def _build_proxy_loss(cfg, spec, num_classes, miner, weight):
+    """A proxy loss (:class:`tfdml.losses.ProxyLoss`): its sizes come from
+    the data and the model, its proxies are created by ``DMLModel.compile``
+    under the strategy scope."""
+    from tfdml import registry
+    from tfdml.losses import ProxyLoss
+
+    for key in ("num_classes", "embedding_dim"):
+        if key in spec:
+            raise ConfigError(
+                f"loss.{key}",
+                "set by train.py for a proxy loss (the training classes, "
+                "model.embedding_dim); remove it",
+            )
+    for section, obj in (("miner", miner), ("weighting", weight)):
+        if obj is not None:
+            raise ConfigError(
+                section, f"proxy loss {spec['name']} takes no {section}"
+            )
+    if num_classes is not None:
+        spec["num_classes"] = num_classes
+    try:
+        return registry.build(ProxyLoss, spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_spec_key("loss", spec, str(e)), str(e)) from None
+
+
+def _validate_proxy_loss(cfg, loss):
+    """Proxy losses: no memory / IAA / MMSI; ``proxy_lr_multiplier`` only
+    with them."""
+    from tfdml.losses import ProxyLoss
+
+    if not isinstance(loss, ProxyLoss):
+        if cfg["optimizer"]["proxy_lr_multiplier"] is not None:
+            raise ConfigError(
+                "optimizer.proxy_lr_multiplier",
+                f"only used by proxy losses, not {cfg['loss']['name']!r}",
+            )
+        return
+    for key, used in (
+        ("memory.size", cfg["memory"]["size"] > 0),
+        ("augment.method", cfg["augment"]["method"] != "none"),
+        ("meta.method", cfg["meta"]["method"] != "none"),
+    ):
+        if used:
+            raise ConfigError(
+                key,
+                f"proxy loss {cfg['loss']['name']} compares embeddings with "
+                "class proxies: it takes no memory bank, IAA or MMSI",
+            )
 
 
 def describe(obj):
@@ -413,6 +471,8 @@ def validate(cfg):
     built = validate_objects(cfg)
     built.data = Data(cfg)
     check_data(cfg, built.data)
+    if getattr(built.loss, "num_classes", 0) is None:  # a proxy loss
+        built.loss = build_loss(cfg, built.data.num_train_classes)
     check_init_from(cfg, built)
     return built
 
@@ -531,6 +591,7 @@ def validate_objects(cfg):
     built = Built()
     built.loss = build_loss(cfg)
     _validate_optimizer(cfg)
+    _validate_proxy_loss(cfg, built.loss)
     from tfdml import models
 
     built.encoder_kwargs = passthrough_kwargs(
@@ -702,12 +763,13 @@ def _validate_optimizer(cfg):
             )
 
 
-def build_optimizer(cfg):
+def build_optimizer(cfg, lr_multiplier=1.0):
+    """The optimizer of the config (learning rates x ``lr_multiplier``)."""
     import keras
 
     opt = cfg["optimizer"]
     train = cfg["train"]
-    lr = opt["learning_rate"]
+    lr = opt["learning_rate"] * lr_multiplier
     steps = train["steps_per_epoch"]
     if opt["schedule"] == "multistep":
         bounds = [m * steps for m in opt["milestones"]]
@@ -731,6 +793,13 @@ def build_optimizer(cfg):
     if name == "sgd":
         return keras.optimizers.SGD(momentum=opt["momentum"], **kwargs)
     return keras.optimizers.RMSprop(momentum=opt["momentum"], **kwargs)
+
+
+def build_proxy_optimizer(cfg):
+    """``optimizer.proxy_lr_multiplier``: the proxies' optimizer (the same
+    optimizer and schedule at ``learning_rate x multiplier``), else None."""
+    mult = cfg["optimizer"]["proxy_lr_multiplier"]
+    return None if mult is None else build_optimizer(cfg, mult)
 
 
 # -- wiring of the library pieces --

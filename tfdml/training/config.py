@@ -272,6 +272,14 @@ SCHEMA = {
             doc="multistep: epochs at which lr *= gamma",
         ),
         "gamma": Field(float, 0.1, _gt(0.0), doc="multistep factor"),
+        "proxy_lr_multiplier": Field(
+            float,
+            None,
+            _gt(0.0),
+            nullable=True,
+            doc="proxy losses: a second optimizer for the proxies at "
+            "learning_rate x this (same schedule); null: one optimizer",
+        ),
     },
     "train": {
         "epochs": Field(int, 2, _ge(1)),

@@ -40,6 +40,7 @@ from tfdml.training import run_dir as run_dir_lib
 from tfdml.training.build import apply_init_from
 from tfdml.training.build import build_model
 from tfdml.training.build import build_optimizer
+from tfdml.training.build import build_proxy_optimizer
 from tfdml.training.build import describe
 from tfdml.training.build import plain
 from tfdml.training.build import validate
@@ -217,11 +218,12 @@ def _train_in(cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir):
             optimizer=build_optimizer(cfg),
             loss=built.loss,
             jit_compile=train["jit_compile"],
+            proxy_optimizer=build_proxy_optimizer(cfg),
         )
         model.optimizer.build(model.trainable_variables)
-        variables = state_variables(model, model.optimizer) + [
-            v for obj in parts.state_objects for v in state_variables(obj)
-        ]
+        variables = state_variables(
+            model, model.optimizer, getattr(model, "proxy_optimizer", None)
+        ) + [v for obj in parts.state_objects for v in state_variables(obj)]
         variables = list({id(v): v for v in variables}.values())
         checkpointer = Checkpointer(
             write_dir,
