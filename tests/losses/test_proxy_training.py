@@ -1,0 +1,306 @@
+"""Proxy losses in training: ``DMLModel.fit`` for every class, proxies in
+checkpoints, the proxies' own optimizer (``proxy_optimizer`` /
+``optimizer.proxy_lr_multiplier``), the config checks, MirroredStrategy and
+a ``train.py`` run."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfdml.losses as L
+from tests.conftest import tiny_encoder
+from tfdml.models import DMLModel
+from tfdml.training import build as build_lib
+from tfdml.training import config as config_lib
+from tfdml.training.checkpoint import Checkpointer
+from tfdml.training.checkpoint import state_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+NEW = [
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "NormalizedSoftmaxLoss",
+    "CosFaceLoss",
+    "ArcFaceLoss",
+    "SubCenterArcFaceLoss",
+    "SoftTripleLoss",
+]
+C, D = 4, 6
+
+
+def data(n_per=4):
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(C), n_per).astype("int32")
+    x = rng.random((len(y), 8, 8, 1)).astype("float32")
+    x += y[:, None, None, None] * 0.1
+    return x, y
+
+
+def model_with(loss, **compile_kwargs):
+    keras.utils.set_random_seed(0)
+    model = DMLModel(tiny_encoder(8, 8, 1, D))
+    compile_kwargs.setdefault("optimizer", keras.optimizers.Adam(1e-2))
+    model.compile(loss=loss, **compile_kwargs)
+    return model
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_fit_smoke(name):
+    model = model_with({"name": name, "num_classes": C})
+    loss = model.loss
+    assert isinstance(loss, L.ProxyLoss)
+    assert loss.proxies.shape[-1] == D  # sized from the encoder
+    assert any(v is loss.proxies for v in model.trainable_variables)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    x, y = data()
+    hist = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+    assert np.all(np.isfinite(hist.history["loss"]))
+    after = [v.numpy() for v in model.trainable_variables]
+    moved = [not np.allclose(a, b) for a, b in zip(after, before)]
+    assert all(moved), moved  # encoder and proxies both train
+
+
+def test_proxies_saved_and_restored_by_checkpoints(tmp_path):
+    model = model_with(
+        L.ProxyAnchorLoss(num_classes=C),
+        proxy_optimizer=keras.optimizers.Adam(0.1),
+    )
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    loss = model.loss
+    saved = loss.proxies.numpy().copy()
+    moments = [v.numpy().copy() for v in model.proxy_optimizer.variables]
+    # tf.train.Checkpoint of the model
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "m"))
+    loss.proxies.assign(np.zeros_like(saved))
+    tf.train.Checkpoint(model=model).read(path).assert_consumed()
+    np.testing.assert_array_equal(loss.proxies.numpy(), saved)
+    # the run's Checkpointer with the variables train.py lists
+    variables = state_variables(model, model.optimizer, model.proxy_optimizer)
+    ckpt = Checkpointer(str(tmp_path / "ck"), variables)
+    from tfdml.training.checkpoint import RunState
+
+    state = RunState()
+    ckpt.save(1, state)
+    loss.proxies.assign(np.zeros_like(saved))
+    for v in model.proxy_optimizer.variables:
+        v.assign(tf.zeros_like(v))
+    ckpt.restore(state.checkpoint)
+    np.testing.assert_array_equal(loss.proxies.numpy(), saved)
+    for v, m in zip(model.proxy_optimizer.variables, moments):
+        np.testing.assert_array_equal(v.numpy(), m)
+
+
+def test_proxy_optimizer_moves_proxies_at_their_own_rate():
+    lr, mult = 0.01, 100.0
+    model = model_with(
+        L.ProxyNCALoss(num_classes=C),
+        optimizer=keras.optimizers.SGD(lr),
+        proxy_optimizer=keras.optimizers.SGD(lr * mult),
+    )
+    loss = model.loss
+    x, y = data()
+    enc_vars = model.encoder.trainable_variables
+    with tf.GradientTape() as tape:
+        emb = model.encoder(x, training=True)["embeddings"]
+        value = tf.reduce_mean(loss.per_anchor(emb, y))
+    grads = tape.gradient(value, enc_vars + [loss.proxies])
+    before = [v.numpy().copy() for v in enc_vars + [loss.proxies]]
+    model.fit(x, y, batch_size=len(y), epochs=1, verbose=0, shuffle=False)
+    after = [v.numpy() for v in enc_vars + [loss.proxies]]
+    rates = [lr] * len(enc_vars) + [lr * mult]
+    for b, a, g, rate in zip(before, after, grads, rates):
+        np.testing.assert_allclose(a - b, -rate * g.numpy(), atol=1e-6)
+    assert np.abs(after[-1] - before[-1]).max() > 1e-3
+
+
+def test_compile_refuses_memory_iaa_and_a_stray_proxy_optimizer():
+    from tfdml.memory import CrossBatchMemory
+
+    model = DMLModel(tiny_encoder(8, 8, 1, D), memory=CrossBatchMemory(8, D))
+    with pytest.raises(ValueError, match="memory bank"):
+        model.compile(loss=L.ArcFaceLoss(num_classes=C))
+    model = DMLModel(tiny_encoder(8, 8, 1, D))
+    with pytest.raises(ValueError, match="proxy_optimizer"):
+        model.compile(loss=L.MultiSimilarityLoss(), proxy_optimizer="adam")
+
+
+# -- train.py configs --
+
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def load(*overrides):
+    return config_lib.load(SMOKE, overrides=list(overrides))
+
+
+def test_proxy_lr_multiplier_builds_a_scaled_optimizer():
+    cfg = load(
+        "loss.name=ProxyAnchorLoss",
+        "optimizer.proxy_lr_multiplier=100",
+        "optimizer.schedule=multistep",
+        "optimizer.milestones=[1, 2]",
+    )
+    build_lib.validate_objects(cfg)
+    main = build_lib.build_optimizer(cfg)
+    proxy = build_lib.build_proxy_optimizer(cfg)
+    assert type(proxy) is type(main)
+    for step in (0, 4, 8):  # steps_per_epoch 4: every schedule segment
+        np.testing.assert_allclose(
+            float(proxy._learning_rate(step)),
+            100 * float(main._learning_rate(step)),
+            rtol=1e-6,
+        )
+    assert build_lib.build_proxy_optimizer(load()) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["optimizer.proxy_lr_multiplier=10"], "optimizer.proxy_lr_multiplier"),
+        (
+            ["loss.name=ArcFaceLoss", "optimizer.proxy_lr_multiplier=0"],
+            "optimizer.proxy_lr_multiplier",
+        ),
+        (["loss.name=ArcFaceLoss", "loss.num_classes=3"], "loss.num_classes"),
+        (["loss.name=ArcFaceLoss", "memory.size=64"], "memory.size"),
+        (["loss.name=ArcFaceLoss", "miner.name=AllPairsMiner"], "miner"),
+        (["loss.name=ArcFaceLoss", "loss.margin=-1"], "loss.margin"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(config_lib.ConfigError) as e:
+        build_lib.validate_objects(load(*overrides))
+    assert e.value.key == key
+
+
+def test_train_py_rejects_before_touching_the_run_folder(tmp_path):
+    import train
+
+    run_dir = tmp_path / "run"
+    status = train.main(
+        [
+            "--config",
+            SMOKE,
+            "--set",
+            f"train.run_dir={run_dir}",
+            "--set",
+            "optimizer.proxy_lr_multiplier=100",
+        ]
+    )
+    assert status == 2
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_train_py_run_with_the_proxy_anchor_config(tmp_path):
+    import train
+    from tfdml.training import run_dir as run_dir_lib
+
+    run_dir = tmp_path / "run"
+    args = [
+        "--config",
+        SMOKE,
+        "--set",
+        f"train.run_dir={run_dir}",
+        "--set",
+        "train.verbose=0",
+        "--set",
+        "train.deterministic=false",
+        "--set",
+        "loss.name=ProxyAnchorLoss",
+        "--set",
+        "optimizer.proxy_lr_multiplier=100",
+        "--set",
+        "train.epochs=2",
+    ]
+    assert train.main(args) == 0
+    state = run_dir_lib.read_state(str(run_dir))
+    assert state["epoch"] == 2 and state["done"]
+    cfg = run_dir_lib.read_config(str(run_dir))
+    assert cfg["loss"]["name"] == "ProxyAnchorLoss"
+    # The checkpoint holds the proxies and both optimizers' slots.
+    ckpt = os.path.join(run_dir, "checkpoints", state["checkpoint"])
+    names = [n for n, _ in tf.train.list_variables(ckpt)]
+    shapes = dict(tf.train.list_variables(ckpt))
+    n_train = build_lib.validate(load()).data.num_train_classes
+    proxies = [n for n in names if shapes[n] == [n_train, 16]]
+    # the proxies, their Adam moments in the proxy optimizer and (unused)
+    # in the main optimizer (train.py builds it on every variable)
+    assert len(proxies) >= 3, shapes
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from tfdml.losses import ProxyAnchorLoss
+    from tfdml.models import DMLModel
+
+    def run(strategy):
+        with strategy.scope():
+            inp = keras.Input((5,))
+            raw = keras.layers.Dense(4, name="raw")(inp)
+            emb = keras.layers.UnitNormalization(name="embeddings")(raw)
+            enc = keras.Model(inp, {"embeddings": emb, "raw": raw})
+            rng = np.random.default_rng(1)
+            for v in enc.trainable_variables:
+                v.assign(rng.normal(size=v.shape).astype("float32"))
+            loss = ProxyAnchorLoss(num_classes=4)
+            model = DMLModel(enc)
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                proxy_optimizer=keras.optimizers.SGD(1.0, momentum=0.9),
+                loss=loss, jit_compile=False)
+            p0 = rng.normal(size=(4, 4)).astype("float32")
+            loss.proxies.assign(p0)
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(24, 5)).astype("float32")
+        y = (np.arange(24) % 4).astype("int32")
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        hist = model.fit(ds, epochs=1, verbose=0)
+        return [p0] + [v.numpy() for v in enc.trainable_variables] + [
+            loss.proxies.numpy()], hist.history["loss"][-1]
+
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert mirrored.num_replicas_in_sync == 2
+    w2, l2 = run(mirrored)
+    w1, l1 = run(tf.distribute.get_strategy())
+    np.savez(sys.argv[1], *w1, *w2, loss=[l1, l2])
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_mirrored_two_replicas_equal_one_device(tmp_path):
+    out = tmp_path / "out.npz"
+    proc = subprocess.run(
+        [sys.executable, "-c", MIRRORED, str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    got = np.load(out)
+    arrays = [got[f"arr_{i}"] for i in range(len(got.files) - 1)]
+    half = len(arrays) // 2
+    single, mirrored = arrays[:half], arrays[half:]
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["loss"][1], got["loss"][0], rtol=1e-5)
+    # training moved the proxies: the comparison is not of initial values
+    assert np.abs(single[-1] - single[0]).max() > 1e-2
