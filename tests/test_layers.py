@@ -27,7 +27,7 @@ PKG = os.path.join(ROOT, "tfdml")
 
 # Lowest first. A unit is ``tfdml.<name>`` (a module or a subpackage).
 LAYERS = [
-    {"_cpu", "version", "registry", "validation", "variables"},
+    {"_cpu", "version", "registry", "validation", "variables", "distribute"},
     {"ops", "data"},
     {"mining", "weighting"},
     {"losses"},

@@ -55,31 +55,12 @@ class GapTrackingMS(MultiSimilarityLoss):
         super().__init__(**kwargs)
         self.cutoff_gap = state_variable("cutoff_gap", np.float32(1.0))
 
-    def per_anchor(
-        self,
-        embeddings,
-        labels,
-        ref_embeddings,
-        ref_labels,
-        ids,
-        ref_ids,
-        ref_valid,
-        **kwargs,
-    ):
-        pos, _ = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
-        sim = tf.matmul(embeddings, ref_embeddings, transpose_b=True)
+    def per_anchor(self, embeddings, labels, refs, ids, **kwargs):
+        pos, _ = ops.pair_masks(labels, refs.labels, ids, refs.ids, refs.valid)
+        sim = tf.matmul(embeddings, refs.embeddings, transpose_b=True)
         gap = tf.reduce_min(tf.where(pos, tf.abs(sim - CUTOFF), 1.0))
         self.cutoff_gap.assign(tf.minimum(self.cutoff_gap, gap))
-        return super().per_anchor(
-            embeddings,
-            labels,
-            ref_embeddings,
-            ref_labels,
-            ids,
-            ref_ids,
-            ref_valid,
-            **kwargs,
-        )
+        return super().per_anchor(embeddings, labels, refs, ids, **kwargs)
 
 
 def data():

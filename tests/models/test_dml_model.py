@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests import reference
 from tfdml.losses import MultiSimilarityLoss
+from tfdml.losses import References
 from tfdml.memory import CrossBatchMemory
 from tfdml.models import DMLModel
 from tfdml.models import build_embedding_model
@@ -234,7 +235,9 @@ def test_augmenter_rows_are_appended_as_references(four_args):
     x, y = data(8)
     logs = model.train_on_batch(x, y, return_dict=True)
     args, kwargs = loss.calls[-1]
-    emb, labels, ref, ref_labels, ids, ref_ids, ref_valid = args
+    emb, labels, refs, ids = args
+    assert isinstance(refs, References)
+    ref, ref_labels, ref_ids, ref_valid = refs
     assert ref.shape[0] == 8 + 8 + 5
     assert len(aug.calls) == 1
     np.testing.assert_array_equal(ref_ids.numpy()[8:16], ids.numpy() + 10_000)
@@ -368,7 +371,7 @@ def test_per_step_loss_hooks_for_subclasses():
     model = DMLModel(dense_encoder(), memory=CrossBatchMemory(4, DIM))
     model.compile(optimizer="sgd", loss=MultiSimilarityLoss())
     plain, state = model.per_step_loss(x, y)
-    assert state["ref_embeddings"].shape == (12, DIM)
+    assert state["refs"].embeddings.shape == (12, DIM)
     ones = tf.ones([8, 12])
     weighted, _ = model.per_step_loss(x, y, pair_weights=ones)
     np.testing.assert_allclose(weighted.numpy(), plain.numpy(), rtol=1e-6)

@@ -1,6 +1,7 @@
 """Pair losses as Keras Loss subclasses."""
 
 from tfdml.losses.base import PairLoss  # noqa: F401
+from tfdml.losses.base import References  # noqa: F401
 from tfdml.losses.binomial import BinomialDevianceLoss  # noqa: F401
 from tfdml.losses.binomial import binomial_deviance  # noqa: F401
 from tfdml.losses.circle import CircleLoss  # noqa: F401

@@ -40,11 +40,13 @@ from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import apply_pair_weights
+from tfdml.losses.base import as_references
 from tfdml.losses.base import check_choice
 from tfdml.losses.base import check_inputs
 from tfdml.losses.base import check_non_negative
 from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
+from tfdml.losses.base import unpack_references
 
 PAIR_REDUCTIONS = ("avg_nonzero", "sum", "mean", "pml")
 _DEFAULTS = {
@@ -276,12 +278,10 @@ class ContrastiveLoss(PairLoss):
         self,
         embeddings,
         labels,
-        ref_embeddings=None,
-        ref_labels=None,
+        refs=None,
         ids=None,
-        ref_ids=None,
-        ref_valid=None,
         pair_weights=None,
+        *legacy,
         **context,
     ):
         """As :meth:`PairLoss.per_anchor`; without a miner and pair weights
@@ -290,6 +290,10 @@ class ContrastiveLoss(PairLoss):
         (:func:`fused_forward`) and a custom gradient of one matmul per
         input (:func:`tfdml.ops.similarity_loss`). The values are those of
         :func:`contrastive`; the gradient is first-order only."""
+        refs, ids, pair_weights = as_references(
+            refs, ids, context, pair_weights, legacy
+        )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         cls = type(self)
         if (
             not self.fused
@@ -301,11 +305,8 @@ class ContrastiveLoss(PairLoss):
             return super().per_anchor(
                 embeddings,
                 labels,
-                ref_embeddings,
-                ref_labels,
+                refs,
                 ids,
-                ref_ids,
-                ref_valid,
                 pair_weights=pair_weights,
                 **context,
             )

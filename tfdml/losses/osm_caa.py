@@ -63,9 +63,11 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
 from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
+from tfdml.losses.base import unpack_references
 from tfdml.weighting.osm_caa import CAAWeighting
 from tfdml.weighting.osm_caa import OSMWeighting
 from tfdml.weighting.osm_caa import gaussian_pdf
@@ -234,14 +236,16 @@ class WeightedContrastiveLoss(PairLoss):
         self,
         embeddings,
         labels,
-        ref_embeddings=None,
-        ref_labels=None,
+        refs=None,
         ids=None,
-        ref_ids=None,
-        ref_valid=None,
         pair_weights=None,
+        *legacy,
         **context,
     ):
+        refs, ids, pair_weights = as_references(
+            refs, ids, context, pair_weights, legacy
+        )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         embeddings, labels, ref_embeddings, ref_labels = check_inputs(
             embeddings, labels, ref_embeddings, ref_labels
         )

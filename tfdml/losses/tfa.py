@@ -45,9 +45,11 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
 from tfdml.losses.base import check_non_negative
 from tfdml.losses.base import nan_if_not_finite
+from tfdml.losses.base import unpack_references
 from tfdml.losses.lifted import lifted_structure_song
 from tfdml.mining.semi_hard import smallest_greater
 
@@ -226,15 +228,17 @@ class _TfaEmbeddingLoss(PairLoss):
         self,
         embeddings,
         labels,
-        ref_embeddings=None,
-        ref_labels=None,
+        refs=None,
         ids=None,
-        ref_ids=None,
-        ref_valid=None,
         pair_weights=None,
+        *legacy,
         **context,
     ):
         """Per-anchor loss ``[B]`` (see the module docstring)."""
+        refs, ids, pair_weights = as_references(
+            refs, ids, context, pair_weights, legacy
+        )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         if pair_weights is not None:
             raise ValueError(
                 f"{type(self).__name__} does not support pair_weights."

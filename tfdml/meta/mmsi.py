@@ -46,6 +46,8 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
+from tfdml.distribute import all_gather
+from tfdml.losses.base import References
 from tfdml.memory.class_dictionary import ClassDictionary
 from tfdml.meta.forms import get_base
 from tfdml.models.dml_model import DMLModel
@@ -177,7 +179,8 @@ def similarity_jvp(base, e, e_dot):
 
 def meta_loss(base, emb_val, y_val, ref, ref_labels, ref_valid):
     """G-form: mean over validation anchors against the dictionary."""
-    per = base.per_anchor(emb_val, y_val, ref, ref_labels, ref_valid=ref_valid)
+    refs = References(ref, ref_labels, valid=ref_valid)
+    per = base.per_anchor(emb_val, y_val, refs)
     return tf.reduce_mean(per)
 
 
@@ -256,8 +259,8 @@ def meta_direction(encoder, base, tv, ntv, x_val, y_val, ref, ref_lab, valid):
     with tf.GradientTape() as tape:
         tape.watch(tv)
         out_v, _ = _embed(encoder, tv, ntv, x_val)
-        emb_v = DMLModel._gather(tf.cast(out_v["embeddings"], tf.float32))
-        y_v = DMLModel._gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
+        emb_v = all_gather(tf.cast(out_v["embeddings"], tf.float32))
+        y_v = all_gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
         l_g = meta_loss(base, emb_v, y_v, ref, ref_lab, valid)
         scaled = scale_loss_for_distribution(l_g)
     v = tape.gradient(
@@ -500,13 +503,13 @@ class MMSIModel(DMLModel):
                 loss, scaled = self._real_loss(batch, sel, w)
         elif self.weights_mode == "ones":
             out1, _ = _embed(self.encoder, tv, ntv, x)
-            feats = DMLModel._gather(tf.cast(out1["embeddings"], tf.float32))
-            labs = DMLModel._gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
+            feats = all_gather(tf.cast(out1["embeddings"], tf.float32))
+            labs = all_gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
             self.dictionary.enqueue(tf.stop_gradient(feats), labs)
             ref, ref_lab, valid = self.dictionary.entries()
             out_v, _ = _embed(self.encoder, tv, ntv, x_val)
-            emb_v = DMLModel._gather(tf.cast(out_v["embeddings"], tf.float32))
-            y_v = DMLModel._gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
+            emb_v = all_gather(tf.cast(out_v["embeddings"], tf.float32))
+            y_v = all_gather(tf.reshape(tf.cast(y_val, tf.int32), [-1]))
             l_g = meta_loss(base, emb_v, y_v, ref, ref_lab, valid)
             with tf.GradientTape() as tape:
                 tape.watch(tv)
@@ -520,8 +523,8 @@ class MMSIModel(DMLModel):
             # v = grad L_g needs this step's features in the dictionary
             # first (official order), hence one plain forward before.
             out1, _ = _embed(self.encoder, tv, ntv, x)
-            feats = DMLModel._gather(tf.cast(out1["embeddings"], tf.float32))
-            labs = DMLModel._gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
+            feats = all_gather(tf.cast(out1["embeddings"], tf.float32))
+            labs = all_gather(tf.reshape(tf.cast(y, tf.int32), [-1]))
             self.dictionary.enqueue(tf.stop_gradient(feats), labs)
             ref, ref_lab, valid = self.dictionary.entries()
             v, l_g = meta_direction(
@@ -536,7 +539,7 @@ class MMSIModel(DMLModel):
                     e_local, unconnected_gradients=tf.UnconnectedGradients.ZERO
                 )
                 batch = self.forward(x, y, sample_weight, outputs=out)
-                e_dot = DMLModel._gather(tf.stop_gradient(e_dot))
+                e_dot = all_gather(tf.stop_gradient(e_dot))
                 sim0, ds = similarity_jvp(
                     base, tf.stop_gradient(batch["embeddings"]), e_dot
                 )
@@ -609,14 +612,13 @@ class MMSIModel(DMLModel):
         tf.cond(applied, do_apply, lambda: tf.constant(0))
 
     def _logs(self, loss, batch, sel, w, l_g, applied):
-        refs = {
-            "ref_embeddings": batch["embeddings"],
-            "ref_labels": batch["labels"],
-            "ref_ids": batch["ids"],
-            "ref_valid": tf.ones_like(batch["labels"], dtype=tf.bool),
-        }
         state = dict(batch)
-        state.update(refs)
+        state["refs"] = References(
+            batch["embeddings"],
+            batch["labels"],
+            batch["ids"],
+            tf.ones_like(batch["labels"], dtype=tf.bool),
+        )
         state["classification_loss"] = None
         logs = self.update_metrics(loss, state)
         self.meta_loss_tracker.update_state(l_g)
