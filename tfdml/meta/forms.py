@@ -276,6 +276,12 @@ class MMSITripletLoss(MMSIPairLoss):
         return {"pos": cnt_p > 0, "neg": cnt_n > 0, "count": count}
 
     def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+        if pair_weights is not None:
+            raise ValueError(
+                f"{type(self).__name__}'s G-form has no per-pair weights "
+                "(its terms are triplets); weight the selected pairs with "
+                "`weighted(sim, sel, pair_weights)` (the W-form)."
+            )
         active, viol = self._active(sim, pos_mask, neg_mask)
         a = _f(active)
         total = tf.reduce_sum(a, axis=[1, 2])

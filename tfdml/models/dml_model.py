@@ -474,11 +474,15 @@ class DMLModel(keras.Model):
             )
         return out
 
-    def per_anchor_loss(self, batch, refs, pair_weights=None):
-        """The compiled pair loss per anchor ``[B]`` (global batch)."""
+    def per_anchor_loss(self, batch, refs):
+        """The compiled pair loss per anchor ``[B]`` (global batch).
+
+        External per-pair weights are not a step input: MMSI weights its
+        pairs with its own W-form (:meth:`tfdml.meta.forms.MMSIPairLoss.
+        weighted`) on a fixed selection; ``PairLoss.per_anchor(...,
+        pair_weights=...)`` is the functional entry point for them.
+        """
         if isinstance(getattr(self, "loss", None), ProxyLoss):
-            if pair_weights is not None:
-                raise ValueError("a proxy loss takes no `pair_weights`.")
             return self.loss.per_anchor(batch["embeddings"], batch["labels"])
         context = {}
         if batch.get("probs") is not None:
@@ -492,7 +496,6 @@ class DMLModel(keras.Model):
                 batch["labels"],
                 batch["ids"],
                 refs["refs"],
-                pair_weights=pair_weights,
                 **context,
             )
         return self.pair_loss.per_anchor(
@@ -500,7 +503,6 @@ class DMLModel(keras.Model):
             batch["labels"],
             refs["refs"],
             batch["ids"],
-            pair_weights=pair_weights,
             **context,
         )
 
@@ -531,7 +533,6 @@ class DMLModel(keras.Model):
         y,
         sample_weight=None,
         training=True,
-        pair_weights=None,
         outputs=None,
     ):
         """Forward pass and total (unscaled) loss of one step.
@@ -539,8 +540,6 @@ class DMLModel(keras.Model):
         Args:
           x, y, sample_weight: the batch.
           training: training mode (augmenter rows only when True).
-          pair_weights: optional ``[B, M]`` weights for the pair loss
-            (MMSI), ``M`` = number of references.
           outputs: precomputed encoder outputs (see :meth:`forward`).
 
         Returns ``(loss, state)``; ``state`` holds the batch dict entries,
@@ -551,7 +550,7 @@ class DMLModel(keras.Model):
             x, y, sample_weight, training=training, outputs=outputs
         )
         refs = self.build_references(batch, training=training)
-        per = self.per_anchor_loss(batch, refs, pair_weights=pair_weights)
+        per = self.per_anchor_loss(batch, refs)
         pair = _weighted_mean(per, batch["sample_weight"])
         total = pair
         cls = self.classification_loss(batch)
