@@ -40,10 +40,24 @@ def check_labels_embeddings(labels, embeddings, name="labels"):
         )
     if labels.shape.rank == 2 and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, axis=-1)
+    if is_multi_hot(labels, name):
+        if not (
+            labels.dtype.is_integer
+            or labels.dtype.is_floating
+            or labels.dtype == tf.bool
+        ):
+            raise ValueError(
+                f"`{name}` must be multi-hot 0/1 values; received dtype "
+                f"{labels.dtype.name}."
+            )
+        if labels.dtype != tf.bool:
+            labels = tf.not_equal(labels, tf.zeros([], labels.dtype))
+        return tf.cast(labels, tf.int32), embeddings
     if labels.shape.rank is not None and labels.shape.rank != 1:
         raise ValueError(
-            f"`{name}` must have rank 1 [batch] (or [batch, 1]); received "
-            f"shape {labels.shape}."
+            f"`{name}` must have rank 1 [batch] (or [batch, 1]) class ids, "
+            f"or rank 2 [batch, classes] multi-hot labels; received shape "
+            f"{labels.shape}."
         )
     if not (labels.dtype.is_integer or labels.dtype.is_floating):
         raise ValueError(
@@ -55,6 +69,51 @@ def check_labels_embeddings(labels, embeddings, name="labels"):
         # stored in float32 are exact up to 2**24.
         labels = tf.cast(tf.round(labels), tf.int32)
     return tf.cast(labels, tf.int32), embeddings
+
+
+def is_multi_hot(labels, name="labels"):
+    """True for multi-hot labels ``[B, C]`` (``C > 1``; relevance: the label
+    sets intersect), False for class ids ``[B]`` (``[B, 1]`` is read as
+    class ids). Raises ``ValueError`` for rank 2 with an unknown ``C``."""
+    shape = labels.shape
+    if shape.rank != 2 or shape[-1] == 1:
+        return False
+    if shape[-1] is None:
+        raise ValueError(
+            f"`{name}` has rank 2 with an unknown number of classes "
+            f"{shape}: give multi-hot labels a static last dimension "
+            "(or class ids [batch])."
+        )
+    return True
+
+
+def relevance(labels, ref_labels):
+    """``[B, M]`` bool: same class id, or intersecting label sets when the
+    labels are multi-hot ``[B, C]`` / ``[M, C]`` (0/1 values)."""
+    if labels.shape.rank == 2:
+        if ref_labels.shape.rank != 2 or (
+            labels.shape[-1] is not None
+            and ref_labels.shape[-1] is not None
+            and labels.shape[-1] != ref_labels.shape[-1]
+        ):
+            raise ValueError(
+                "`labels` are multi-hot with shape "
+                f"{labels.shape}; `ref_labels` must be multi-hot with the "
+                f"same number of classes; received shape {ref_labels.shape}."
+            )
+        shared = tf.matmul(
+            tf.cast(labels, tf.float32),
+            tf.cast(ref_labels, tf.float32),
+            transpose_b=True,
+        )
+        return shared > 0.5
+    if ref_labels.shape.rank == 2:
+        raise ValueError(
+            "`ref_labels` are multi-hot with shape "
+            f"{ref_labels.shape} but `labels` are class ids "
+            f"{labels.shape}; give both in the same form."
+        )
+    return tf.equal(labels[:, None], ref_labels[None, :])
 
 
 def l2_normalize(x, axis=-1):
@@ -130,8 +189,11 @@ def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
     """Positive and negative masks ``[B, M]``, self-pairs excluded by id.
 
     Args:
-      labels: ``[B]`` int class ids of the anchors.
-      ref_labels: ``[M]`` int class ids of the references (default: labels).
+      labels: ``[B]`` int class ids of the anchors, or ``[B, C]`` multi-hot
+        0/1 labels (relevant iff the label sets intersect, see
+        :func:`relevance`).
+      ref_labels: ``[M]`` int class ids of the references (``[M, C]`` for
+        multi-hot; default: labels).
       ids: ``[B]`` int example ids of the anchors (default: ``range(B)``).
       ref_ids: ``[M]`` int example ids of the references (default: ``ids``
         when the reference set is the batch itself; otherwise ``-1 - range(M)``
@@ -155,7 +217,7 @@ def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
     if ref_ids is None:
         ref_ids = -1 - tf.range(tf.shape(ref_labels)[0], dtype=tf.int32)
     ref_ids = tf.cast(ref_ids, tf.int32)
-    same = tf.equal(labels[:, None], ref_labels[None, :])
+    same = relevance(labels, ref_labels)
     not_self = tf.not_equal(ids[:, None], ref_ids[None, :])
     pos = tf.logical_and(same, not_self)
     neg = tf.logical_not(same)

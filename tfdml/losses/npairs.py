@@ -24,18 +24,25 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import as_references
 from tfdml.losses.base import check_labels
-from tfdml.losses.base import unpack_references
 from tfdml.mining.hardest import first_one_hot
 
 
 def first_of_each_class(labels, valid=None):
-    """``[M]`` bool: True at the first valid index of each label value."""
+    """``[M]`` bool: True at the first valid index of each label value
+    (of each distinct label set for multi-hot labels ``[M, C]``)."""
     labels = tf.cast(labels, tf.int32)
     if valid is None:
-        valid = tf.ones_like(labels, dtype=tf.bool)
+        valid = tf.ones(tf.shape(labels)[:1], dtype=tf.bool)
     valid = tf.cast(valid, tf.bool)
+    if labels.shape.rank == 2:
+        x = tf.cast(labels, tf.float32)
+        shared = tf.matmul(x, x, transpose_b=True)
+        size = tf.reduce_sum(x, axis=1)
+        same = tf.equal(shared, size[:, None]) & tf.equal(shared, size[None])
+        idx = tf.range(tf.shape(labels)[0])
+        earlier = (idx[None, :] < idx[:, None]) & valid[None, :]
+        return valid & ~tf.reduce_any(same & earlier, axis=1)
     key = tf.where(valid, labels, tf.fill(tf.shape(labels), labels.dtype.max))
     order = tf.argsort(key, stable=True)
     sorted_key = tf.gather(key, order)
@@ -98,28 +105,32 @@ class NPairsLoss(PairLoss):
         self,
         embeddings,
         labels,
-        refs=None,
+        ref_embeddings=None,
+        ref_labels=None,
         ids=None,
+        ref_ids=None,
+        ref_valid=None,
         pair_weights=None,
-        *legacy,
         **context,
     ):
-        refs, ids, pair_weights = as_references(
-            refs, ids, context, pair_weights, legacy
-        )
-        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         labels_c, emb_c = check_labels(labels, embeddings)
         if ref_embeddings is None:
-            ref_labels_c = labels_c
+            refs = labels_c
         else:
-            ref_labels_c, _ = check_labels(
+            refs, _ = check_labels(
                 ref_labels, ref_embeddings, name="ref_labels"
             )
-        context["representative"] = first_of_each_class(
-            ref_labels_c, ref_valid
-        )
+        context["representative"] = first_of_each_class(refs, ref_valid)
         return super().per_anchor(
-            emb_c, labels_c, refs, ids, pair_weights=pair_weights, **context
+            emb_c,
+            labels_c,
+            ref_embeddings,
+            ref_labels,
+            ids,
+            ref_ids,
+            ref_valid,
+            pair_weights,
+            **context,
         )
 
     def pair_loss(

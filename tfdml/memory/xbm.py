@@ -58,7 +58,6 @@ stored copies (``xbm_drift`` in the fit logs). XBM assumes this stays near 1.
 """
 
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -66,7 +65,6 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
-from tfdml.losses.base import References
 from tfdml.validation import check_int
 from tfdml.variables import state_variable
 
@@ -157,15 +155,15 @@ class CrossBatchMemory(keras.layers.Layer):
         """The memory as a reference set.
 
         Returns:
-          a :class:`tfdml.losses.References` ``(embeddings [M, d] float32,
-          labels [M] int32, ids [M] int32, valid [M] bool)``; ``valid`` is
-          False for empty slots and for every slot during the warm-up.
+          ``(embeddings [M, d] float32, labels [M] int32, ids [M] int32,
+          valid [M] bool)``; ``valid`` is False for empty slots and for
+          every slot during the warm-up.
         """
         filled = tf.convert_to_tensor(self.filled)
         valid = tf.logical_and(
             tf.range(self.size, dtype=tf.int32) < filled, self.active
         )
-        return References(
+        return (
             tf.stop_gradient(tf.convert_to_tensor(self.embeddings)),
             tf.convert_to_tensor(self.labels),
             tf.convert_to_tensor(self.ids),
@@ -224,53 +222,33 @@ class CrossBatchMemory(keras.layers.Layer):
         embeddings,
         labels,
         ids,
-        refs,
-        *legacy,
+        ref_embeddings,
+        ref_labels,
+        ref_ids,
+        ref_valid,
         pair_weights=None,
         **context,
     ):
         """Per-anchor loss ``[B]`` with the memory term weighted and reduced.
 
-        ``refs`` (a :class:`tfdml.losses.References`) are ``[other
-        references; memory]``: their last ``size`` rows are
-        :meth:`references` (as ``DMLModel`` builds them). ``pair_weights [B,
-        R]`` and the ``ref_*`` entries of ``context`` are split the same way;
-        other context entries are per anchor. The old form ``per_anchor(loss,
-        embeddings, labels, ids, ref_embeddings, ref_labels, ref_ids,
-        ref_valid)`` still works with a ``DeprecationWarning``.
+        The references are ``[other references; memory]``: their last
+        ``size`` rows are :meth:`references` (as ``DMLModel`` builds them).
+        ``pair_weights [B, R]`` and the ``ref_*`` entries of ``context`` are
+        split the same way; other context entries are per anchor.
         """
-        if not isinstance(refs, References):
-            if len(legacy) != 3:
-                raise TypeError(
-                    "CrossBatchMemory.per_anchor(loss, embeddings, labels, "
-                    "ids, refs) takes a tfdml.losses.References as `refs`; "
-                    f"received {type(refs).__name__}."
-                )
-            warnings.warn(
-                "CrossBatchMemory.per_anchor(loss, embeddings, labels, ids, "
-                "ref_embeddings, ref_labels, ref_ids, ref_valid) is "
-                "deprecated; pass refs=tfdml.losses.References(embeddings, "
-                "labels, ids, valid).",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            refs = References(refs, *legacy)
-        elif legacy:
-            raise TypeError(
-                "CrossBatchMemory.per_anchor takes no positional arguments "
-                f"after `refs`; received {len(legacy)} more."
-            )
         mode = self.resolve_reduction(loss)
         if mode == "joint":
             return loss.per_anchor(
                 embeddings,
                 labels,
-                refs,
+                ref_embeddings,
+                ref_labels,
                 ids,
+                ref_ids,
+                ref_valid,
                 pair_weights=pair_weights,
                 **context,
             )
-        ref_embeddings, ref_labels, ref_ids, ref_valid = refs
         total = ref_labels.shape[0]
         if total is not None:
             split = total - self.size
@@ -303,8 +281,11 @@ class CrossBatchMemory(keras.layers.Layer):
         batch_term = loss.per_anchor(
             embeddings,
             labels,
-            References(*(head(t) for t in refs)),
+            head(ref_embeddings),
+            head(ref_labels),
             ids,
+            head(ref_ids),
+            head(ref_valid),
             pair_weights=head(pair_weights, 1),
             **head_ctx,
         )
@@ -315,13 +296,11 @@ class CrossBatchMemory(keras.layers.Layer):
             # The memory rows carry no gradient (references() stops it);
             # saying so here spares the backward pass the [M, d] matmul
             # of their (unused) gradient, which the concat would compute.
-            References(
-                _no_gradient(tail(ref_embeddings)),
-                tail(ref_labels),
-                tail(ref_ids),
-                tail(ref_valid),
-            ),
+            _no_gradient(tail(ref_embeddings)),
+            tail(ref_labels),
             ids,
+            tail(ref_ids),
+            tail(ref_valid),
             pair_weights=tail(pair_weights, 1),
             **tail_ctx,
         )
@@ -369,6 +348,14 @@ class CrossBatchMemory(keras.layers.Layer):
             :meth:`drift`); ``-1`` is stored when not given.
         """
         emb = tf.cast(tf.stop_gradient(embeddings), tf.float32)
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank == 2 and labels.shape[-1] != 1:
+            raise ValueError(
+                "CrossBatchMemory stores one int class id per row; received "
+                f"`labels` of shape {labels.shape} (multi-hot labels are "
+                "not supported by the memory bank: train without memory, "
+                "or pass the reference set to `per_anchor` yourself)."
+            )
         labels = tf.cast(labels, tf.int32)
         if labels.shape.rank == 2:
             labels = tf.reshape(labels, [-1])
