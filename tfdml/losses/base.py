@@ -36,6 +36,10 @@ non-integral float label makes the loss NaN instead, which the training loop
 reports as a non-finite loss.
 """
 
+import warnings
+from typing import Any
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -179,6 +183,123 @@ def check_inputs(embeddings, labels, ref_embeddings=None, ref_labels=None):
     return embeddings, labels, ref_embeddings, ref_labels
 
 
+class References(NamedTuple):
+    """The reference set of :meth:`PairLoss.per_anchor` (``M`` rows).
+
+    Attributes:
+      embeddings: ``[M, d]`` reference embeddings.
+      labels: ``[M]`` class ids (or ``[M, C]`` multi-hot) of the references.
+      ids: optional ``[M]`` example ids; a reference with an anchor's id is
+        that anchor itself and never its positive (see
+        :func:`tfdml.ops.pair_masks`).
+      valid: optional ``[M]`` bool, False for empty memory slots.
+
+    A tuple: ``emb, labels, ids, valid = refs`` unpacks it.
+    """
+
+    embeddings: Any
+    labels: Any
+    ids: Any = None
+    valid: Any = None
+
+
+LEGACY_REFERENCE_ARGS = ("ref_embeddings", "ref_labels", "ref_ids", "ref_valid")
+
+
+def as_references(refs, ids, context, pair_weights=None, legacy=()):
+    """``(refs, ids, pair_weights)`` from :meth:`PairLoss.per_anchor`'s
+    arguments; ``refs`` is a :class:`References` or None.
+
+    The deprecated forms are mapped onto a :class:`References` with a
+    ``DeprecationWarning``: the old positional order ``per_anchor(emb,
+    labels, ref_embeddings, ref_labels, ids, ref_ids, ref_valid,
+    pair_weights)`` (``legacy`` holds the positional arguments after
+    ``pair_weights``) and the keywords ``ref_embeddings``, ``ref_labels``,
+    ``ref_ids``, ``ref_valid`` (popped from ``context``).
+    """
+    old = {k: context.pop(k) for k in LEGACY_REFERENCE_ARGS if k in context}
+    if refs is not None and not isinstance(refs, References):
+        # The old positional order: ref_embeddings, ref_labels, ids,
+        # ref_ids, ref_valid, pair_weights after (embeddings, labels).
+        positional = [refs, ids]
+        if legacy or (pair_weights is not None and _rank(pair_weights) == 1):
+            # (a rank-1 `pair_weights` is the old fifth argument, `ids`)
+            positional += [pair_weights, *legacy]
+            pair_weights = None
+        names = (*LEGACY_REFERENCE_ARGS[:2], "ids", *LEGACY_REFERENCE_ARGS[2:])
+        if len(positional) > len(names) + 1:
+            raise TypeError(
+                "per_anchor takes at most 8 positional arguments in the "
+                f"deprecated order; received {len(positional) + 2}."
+            )
+        if len(positional) == len(names) + 1:
+            pair_weights = positional.pop()
+        ids = None
+        for name, value in zip(names, positional):
+            if name == "ids":
+                ids = value
+            elif name in old:
+                raise TypeError(f"per_anchor got multiple values for `{name}`.")
+            else:
+                old[name] = value
+        refs = None
+    elif legacy:
+        raise TypeError(
+            "per_anchor(embeddings, labels, refs, ids, pair_weights) takes "
+            f"{len(legacy)} positional arguments too many."
+        )
+    if old:
+        if refs is not None:
+            raise ValueError(
+                "Pass the reference set either as `refs` (a References) or "
+                "with the deprecated ref_* arguments, not both; received "
+                f"refs and {sorted(old)}."
+            )
+        warnings.warn(
+            "per_anchor(embeddings, labels, ref_embeddings, ref_labels, ids, "
+            "ref_ids, ref_valid) is deprecated; pass "
+            "refs=tfdml.losses.References(embeddings, labels, ids, valid).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if old.get("ref_embeddings") is not None:
+            refs = References(
+                old["ref_embeddings"],
+                old.get("ref_labels"),
+                old.get("ref_ids"),
+                old.get("ref_valid"),
+            )
+    if refs is not None and (refs.embeddings is None or refs.labels is None):
+        raise ValueError(
+            "`refs` needs embeddings and labels; received "
+            f"refs.embeddings={_describe(refs.embeddings)}, "
+            f"refs.labels={_describe(refs.labels)}."
+        )
+    return refs, ids, pair_weights
+
+
+def unpack_references(refs):
+    """``(embeddings, labels, ids, valid)`` of ``refs``; all None for None
+    (the batch is its own reference set)."""
+    if refs is None:
+        return None, None, None, None
+    return tuple(refs)
+
+
+def _rank(x):
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        shape = np.shape(x)
+    try:
+        return len(shape)
+    except TypeError:  # unknown rank
+        return None
+
+
+def _describe(x):
+    return "None" if x is None else f"<{type(x).__name__}>"
+
+
 def first_position(labels):
     """``[B]`` int32: the first batch position of each label's class.
 
@@ -231,12 +352,10 @@ class PairLoss(keras.losses.Loss):
         self,
         embeddings,
         labels,
-        ref_embeddings=None,
-        ref_labels=None,
+        refs=None,
         ids=None,
-        ref_ids=None,
-        ref_valid=None,
         pair_weights=None,
+        *legacy,
         **context,
     ):
         """Per-anchor loss ``[B]`` against an optional reference set.
@@ -244,15 +363,23 @@ class PairLoss(keras.losses.Loss):
         Args:
           embeddings: ``[B, d]`` anchors.
           labels: ``[B]`` int class ids.
-          ref_embeddings: ``[M, d]`` references (default: the batch itself).
-          ref_labels: ``[M]`` class ids of the references.
-          ids, ref_ids: example ids; a reference with the anchor's id is the
-            anchor itself and is never a positive (see
+          refs: optional :class:`References` ``(embeddings [M, d], labels
+            [M], ids [M], valid [M])`` (default: the batch itself).
+          ids: ``[B]`` example ids of the anchors; a reference with the
+            anchor's id is the anchor itself and is never a positive (see
             :func:`tfdml.ops.pair_masks`).
-          ref_valid: ``[M]`` bool, False for empty memory slots.
           pair_weights: optional ``[B, M]`` external pair weights (MMSI).
-          **context: extra per-example inputs for weightings (e.g. ``probs``).
+          **context: extra per-example inputs for weightings (e.g. ``probs``,
+            ``ref_probs``).
+
+        The old form ``per_anchor(emb, labels, ref_embeddings, ref_labels,
+        ref_ids=..., ref_valid=...)`` still works with a
+        ``DeprecationWarning`` (see :func:`as_references`).
         """
+        refs, ids, pair_weights = as_references(
+            refs, ids, context, pair_weights, legacy
+        )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         embeddings, labels, ref_embeddings, ref_labels = check_inputs(
             embeddings, labels, ref_embeddings, ref_labels
         )

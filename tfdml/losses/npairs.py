@@ -24,7 +24,9 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import as_references
 from tfdml.losses.base import check_labels
+from tfdml.losses.base import unpack_references
 from tfdml.mining.hardest import first_one_hot
 
 
@@ -105,32 +107,28 @@ class NPairsLoss(PairLoss):
         self,
         embeddings,
         labels,
-        ref_embeddings=None,
-        ref_labels=None,
+        refs=None,
         ids=None,
-        ref_ids=None,
-        ref_valid=None,
         pair_weights=None,
+        *legacy,
         **context,
     ):
+        refs, ids, pair_weights = as_references(
+            refs, ids, context, pair_weights, legacy
+        )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = unpack_references(refs)
         labels_c, emb_c = check_labels(labels, embeddings)
         if ref_embeddings is None:
-            refs = labels_c
+            ref_labels_c = labels_c
         else:
-            refs, _ = check_labels(
+            ref_labels_c, _ = check_labels(
                 ref_labels, ref_embeddings, name="ref_labels"
             )
-        context["representative"] = first_of_each_class(refs, ref_valid)
+        context["representative"] = first_of_each_class(
+            ref_labels_c, ref_valid
+        )
         return super().per_anchor(
-            emb_c,
-            labels_c,
-            ref_embeddings,
-            ref_labels,
-            ids,
-            ref_ids,
-            ref_valid,
-            pair_weights,
-            **context,
+            emb_c, labels_c, refs, ids, pair_weights=pair_weights, **context
         )
 
     def pair_loss(

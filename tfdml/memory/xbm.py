@@ -58,6 +58,7 @@ stored copies (``xbm_drift`` in the fit logs). XBM assumes this stays near 1.
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -65,6 +66,7 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
+from tfdml.losses.base import References
 from tfdml.validation import check_int
 from tfdml.variables import state_variable
 
@@ -155,15 +157,15 @@ class CrossBatchMemory(keras.layers.Layer):
         """The memory as a reference set.
 
         Returns:
-          ``(embeddings [M, d] float32, labels [M] int32, ids [M] int32,
-          valid [M] bool)``; ``valid`` is False for empty slots and for
-          every slot during the warm-up.
+          a :class:`tfdml.losses.References` ``(embeddings [M, d] float32,
+          labels [M] int32, ids [M] int32, valid [M] bool)``; ``valid`` is
+          False for empty slots and for every slot during the warm-up.
         """
         filled = tf.convert_to_tensor(self.filled)
         valid = tf.logical_and(
             tf.range(self.size, dtype=tf.int32) < filled, self.active
         )
-        return (
+        return References(
             tf.stop_gradient(tf.convert_to_tensor(self.embeddings)),
             tf.convert_to_tensor(self.labels),
             tf.convert_to_tensor(self.ids),
@@ -222,33 +224,53 @@ class CrossBatchMemory(keras.layers.Layer):
         embeddings,
         labels,
         ids,
-        ref_embeddings,
-        ref_labels,
-        ref_ids,
-        ref_valid,
+        refs,
+        *legacy,
         pair_weights=None,
         **context,
     ):
         """Per-anchor loss ``[B]`` with the memory term weighted and reduced.
 
-        The references are ``[other references; memory]``: their last
-        ``size`` rows are :meth:`references` (as ``DMLModel`` builds them).
-        ``pair_weights [B, R]`` and the ``ref_*`` entries of ``context`` are
-        split the same way; other context entries are per anchor.
+        ``refs`` (a :class:`tfdml.losses.References`) are ``[other
+        references; memory]``: their last ``size`` rows are
+        :meth:`references` (as ``DMLModel`` builds them). ``pair_weights [B,
+        R]`` and the ``ref_*`` entries of ``context`` are split the same way;
+        other context entries are per anchor. The old form ``per_anchor(loss,
+        embeddings, labels, ids, ref_embeddings, ref_labels, ref_ids,
+        ref_valid)`` still works with a ``DeprecationWarning``.
         """
+        if not isinstance(refs, References):
+            if len(legacy) != 3:
+                raise TypeError(
+                    "CrossBatchMemory.per_anchor(loss, embeddings, labels, "
+                    "ids, refs) takes a tfdml.losses.References as `refs`; "
+                    f"received {type(refs).__name__}."
+                )
+            warnings.warn(
+                "CrossBatchMemory.per_anchor(loss, embeddings, labels, ids, "
+                "ref_embeddings, ref_labels, ref_ids, ref_valid) is "
+                "deprecated; pass refs=tfdml.losses.References(embeddings, "
+                "labels, ids, valid).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            refs = References(refs, *legacy)
+        elif legacy:
+            raise TypeError(
+                "CrossBatchMemory.per_anchor takes no positional arguments "
+                f"after `refs`; received {len(legacy)} more."
+            )
         mode = self.resolve_reduction(loss)
         if mode == "joint":
             return loss.per_anchor(
                 embeddings,
                 labels,
-                ref_embeddings,
-                ref_labels,
+                refs,
                 ids,
-                ref_ids,
-                ref_valid,
                 pair_weights=pair_weights,
                 **context,
             )
+        ref_embeddings, ref_labels, ref_ids, ref_valid = refs
         total = ref_labels.shape[0]
         if total is not None:
             split = total - self.size
@@ -281,11 +303,8 @@ class CrossBatchMemory(keras.layers.Layer):
         batch_term = loss.per_anchor(
             embeddings,
             labels,
-            head(ref_embeddings),
-            head(ref_labels),
+            References(*(head(t) for t in refs)),
             ids,
-            head(ref_ids),
-            head(ref_valid),
             pair_weights=head(pair_weights, 1),
             **head_ctx,
         )
@@ -296,11 +315,13 @@ class CrossBatchMemory(keras.layers.Layer):
             # The memory rows carry no gradient (references() stops it);
             # saying so here spares the backward pass the [M, d] matmul
             # of their (unused) gradient, which the concat would compute.
-            _no_gradient(tail(ref_embeddings)),
-            tail(ref_labels),
+            References(
+                _no_gradient(tail(ref_embeddings)),
+                tail(ref_labels),
+                tail(ref_ids),
+                tail(ref_valid),
+            ),
             ids,
-            tail(ref_ids),
-            tail(ref_valid),
             pair_weights=tail(pair_weights, 1),
             **tail_ctx,
         )

@@ -5,14 +5,17 @@ The step (see ``docs/architecture.md``):
 1. ``out = encoder(x, training=True)``;
 2. under a distribution strategy, all-gathers embeddings, labels (and raw
    head outputs, logits, sample weights) so that the loss sees the global
-   batch in replica order (replica 0's rows first); gradients flow back
-   through ``ReplicaContext.all_gather``;
+   batch in replica order (replica 0's rows first) with
+   :func:`tfdml.distribute.all_gather`; gradients flow back through
+   ``ReplicaContext.all_gather``;
 3. gives every example of every step a unique id (a running counter);
-4. builds the references: the batch, plus the augmenter's synthetic rows
-   (IAA), plus the memory's valid slots (XBM);
-5. ``per = loss.per_anchor(emb, labels, ref_emb, ref_labels, ids, ref_ids,
-   ref_valid, probs=..., ref_probs=...)`` (with a memory:
-   ``memory.per_anchor(loss, ...)``, which weights and reduces the memory
+4. builds the references (a :class:`tfdml.losses.References`): the batch,
+   plus the augmenter's synthetic rows (IAA), plus the memory's valid slots
+   (XBM);
+5. ``per = loss.per_anchor(emb, labels, refs, ids, probs=...,
+   ref_probs=...)`` (with a memory:
+   ``memory.per_anchor(loss, emb, labels, ids, refs, ...)``, which weights
+   and reduces the memory
    term, see :mod:`tfdml.memory.xbm`); loss = weighted mean over
    anchors + ``classification_loss_weight`` x sparse CE on the logits +
    the layers' regularisation losses, scaled for distribution;
@@ -73,7 +76,9 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
+from tfdml.distribute import all_gather
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import References
 from tfdml.losses.proxy import ProxyLoss
 
 try:  # Keras 3 keeps these helpers outside the public API.
@@ -330,25 +335,6 @@ class DMLModel(keras.Model):
         return loss
 
     # -- building blocks (overridable; used by MMSIModel) -----------------
-    @staticmethod
-    def _gather(value):
-        """All-gathers ``value`` along axis 0 across replicas (identity on
-        one replica). Differentiable."""
-        if value is None:
-            return None
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return value
-        if not getattr(value, "device", "x"):
-            # MultiWorkerMirroredStrategy with one device per worker: a
-            # tensor without a device has no all_gather destination
-            # ("destinations can not be empty"); pin it to the local device.
-            devices = ctx.strategy.extended.worker_devices
-            if len(devices) == 1:
-                with tf.device(devices[0]):
-                    value = tf.identity(value)
-        return ctx.all_gather(value, axis=0)
-
     def forward(self, x, y, sample_weight=None, training=True, outputs=None):
         """Encodes and gathers the batch.
 
@@ -386,17 +372,17 @@ class DMLModel(keras.Model):
         raw = out.get("raw")
         logits = out.get("logits")
         batch = {
-            "embeddings": self._gather(emb),
-            "labels": self._gather(labels),
+            "embeddings": all_gather(emb),
+            "labels": all_gather(labels),
             "raw": None,
             "logits": None,
             "probs": None,
             "sample_weight": None,
         }
         if raw is not None and training and self.augmenter is not None:
-            batch["raw"] = self._gather(tf.cast(raw, tf.float32))
+            batch["raw"] = all_gather(tf.cast(raw, tf.float32))
         if logits is not None:
-            logits = self._gather(tf.cast(logits, tf.float32))
+            logits = all_gather(tf.cast(logits, tf.float32))
             batch["logits"] = logits
             probs = tf.gather(
                 tf.nn.softmax(logits), batch["labels"], batch_dims=1
@@ -404,10 +390,10 @@ class DMLModel(keras.Model):
             batch["probs"] = tf.stop_gradient(probs)
         if sample_weight is not None:
             sw = tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-            batch["sample_weight"] = self._gather(sw)
+            batch["sample_weight"] = all_gather(sw)
         batch["keys"] = None
         if keys is not None:
-            batch["keys"] = self._gather(
+            batch["keys"] = all_gather(
                 tf.reshape(tf.cast(keys, tf.int32), [-1])
             )
         n = tf.shape(batch["labels"])[0]
@@ -422,8 +408,9 @@ class DMLModel(keras.Model):
     def build_references(self, batch, training=True):
         """Batch + augmenter rows (training only) + memory slots.
 
-        Returns a dict ``ref_embeddings, ref_labels, ref_ids, ref_valid`` and
-        ``ref_probs`` (when the batch has probs; memory rows get 1).
+        Returns a dict: ``refs``, a :class:`tfdml.losses.References`
+        (embeddings, labels, ids, valid), and ``ref_probs`` (when the batch
+        has probs; memory rows get 1).
         """
         emb, labels, ids = batch["embeddings"], batch["labels"], batch["ids"]
         parts_e, parts_y, parts_i = [emb], [labels], [ids]
@@ -464,10 +451,12 @@ class DMLModel(keras.Model):
             if parts_p is not None:
                 parts_p.append(tf.ones_like(m_lab, dtype=tf.float32))
         refs = {
-            "ref_embeddings": tf.concat(parts_e, 0),
-            "ref_labels": tf.concat(parts_y, 0),
-            "ref_ids": tf.concat(parts_i, 0),
-            "ref_valid": tf.concat(parts_v, 0),
+            "refs": References(
+                tf.concat(parts_e, 0),
+                tf.concat(parts_y, 0),
+                tf.concat(parts_i, 0),
+                tf.concat(parts_v, 0),
+            )
         }
         if parts_p is not None:
             refs["ref_probs"] = tf.concat(parts_p, 0)
@@ -494,11 +483,15 @@ class DMLModel(keras.Model):
             )
         return out
 
-    def per_anchor_loss(self, batch, refs, pair_weights=None):
-        """The compiled pair loss per anchor ``[B]`` (global batch)."""
+    def per_anchor_loss(self, batch, refs):
+        """The compiled pair loss per anchor ``[B]`` (global batch).
+
+        External per-pair weights are not a step input: MMSI weights its
+        pairs with its own W-form (:meth:`tfdml.meta.forms.MMSIPairLoss.
+        weighted`) on a fixed selection; ``PairLoss.per_anchor(...,
+        pair_weights=...)`` is the functional entry point for them.
+        """
         if isinstance(getattr(self, "loss", None), ProxyLoss):
-            if pair_weights is not None:
-                raise ValueError("a proxy loss takes no `pair_weights`.")
             return self.loss.per_anchor(batch["embeddings"], batch["labels"])
         context = {}
         if batch.get("probs") is not None:
@@ -511,22 +504,14 @@ class DMLModel(keras.Model):
                 batch["embeddings"],
                 batch["labels"],
                 batch["ids"],
-                refs["ref_embeddings"],
-                refs["ref_labels"],
-                refs["ref_ids"],
-                refs["ref_valid"],
-                pair_weights=pair_weights,
+                refs["refs"],
                 **context,
             )
         return self.pair_loss.per_anchor(
             batch["embeddings"],
             batch["labels"],
-            refs["ref_embeddings"],
-            refs["ref_labels"],
+            refs["refs"],
             batch["ids"],
-            refs["ref_ids"],
-            refs["ref_valid"],
-            pair_weights=pair_weights,
             **context,
         )
 
@@ -557,7 +542,6 @@ class DMLModel(keras.Model):
         y,
         sample_weight=None,
         training=True,
-        pair_weights=None,
         outputs=None,
     ):
         """Forward pass and total (unscaled) loss of one step.
@@ -565,8 +549,6 @@ class DMLModel(keras.Model):
         Args:
           x, y, sample_weight: the batch.
           training: training mode (augmenter rows only when True).
-          pair_weights: optional ``[B, M]`` weights for the pair loss
-            (MMSI), ``M`` = number of references.
           outputs: precomputed encoder outputs (see :meth:`forward`).
 
         Returns ``(loss, state)``; ``state`` holds the batch dict entries,
@@ -577,7 +559,7 @@ class DMLModel(keras.Model):
             x, y, sample_weight, training=training, outputs=outputs
         )
         refs = self.build_references(batch, training=training)
-        per = self.per_anchor_loss(batch, refs, pair_weights=pair_weights)
+        per = self.per_anchor_loss(batch, refs)
         pair = _weighted_mean(per, batch["sample_weight"])
         total = pair
         cls = self.classification_loss(batch)
@@ -626,15 +608,12 @@ class DMLModel(keras.Model):
         """Updates loss / pos_sim / neg_sim trackers; returns the logs."""
         n = tf.shape(state["labels"])[0]
         self._loss_tracker.update_state(loss, sample_weight=n)
+        refs = state["refs"]
         emb = tf.stop_gradient(state["embeddings"])
-        ref = tf.stop_gradient(state["ref_embeddings"])
+        ref = tf.stop_gradient(refs.embeddings)
         sim = ops.cosine_similarity(emb, ref)
         pos, neg = ops.pair_masks(
-            state["labels"],
-            state["ref_labels"],
-            state["ids"],
-            state["ref_ids"],
-            state["ref_valid"],
+            state["labels"], refs.labels, state["ids"], refs.ids, refs.valid
         )
         for tracker, mask in (
             (self.pos_sim_tracker, pos),
