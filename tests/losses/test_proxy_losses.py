@@ -111,7 +111,9 @@ def test_arcface_beyond_pi_minus_margin_uses_the_fallback():
     loss, proxies, _ = make("ArcFaceLoss")
     emb, y = batch()
     emb[0] = -proxies[y[0]] + 0.01  # theta_y close to pi
-    emb[1] = proxies[y[1]]  # theta_y = 0: finite gradient
+    proxies[y[1]] = np.eye(D)[0]
+    loss.proxies.assign(proxies)
+    emb[1] = 2 * np.eye(D)[0]  # cos_y exactly 1: the gradient stays finite
     cos0 = ref._cos(emb, proxies)[0, y[0]]
     assert math_acos(cos0) > np.pi - 0.5
     np.testing.assert_allclose(
@@ -259,6 +261,7 @@ def test_out_of_range_labels_are_an_error(name):
     bad[0] = -1
     with pytest.raises(ValueError, match="num_classes"):
         loss.per_anchor(emb, bad)
+    bad[0] = C  # the upper bound, at run time
     fn = tf.function(
         loss.per_anchor,
         input_signature=[
@@ -268,6 +271,10 @@ def test_out_of_range_labels_are_an_error(name):
     )
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes"):
         fn(emb, bad)
+    negative = y.copy()
+    negative[2] = -1
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_classes"):
+        fn(emb, negative)
     xla = tf.function(
         loss.per_anchor,
         jit_compile=True,

@@ -233,7 +233,7 @@ def test_train_py_run_with_the_proxy_anchor_config(tmp_path):
     proxies = [n for n in names if shapes[n] == [n_train, 16]]
     # the proxies, their Adam moments in the proxy optimizer and (unused)
     # in the main optimizer (train.py builds it on every variable)
-    assert len(proxies) >= 3, shapes
+    assert len(proxies) == 5, shapes
 
 
 MIRRORED = textwrap.dedent(
