@@ -13,6 +13,7 @@ from tests import reference_contrastive_family as ref
 from tests.conftest import make_batch
 from tfdml import ops
 from tfdml import registry
+from tfdml.losses import References
 from tfdml.losses.base import check_labels
 from tfdml.memory import CrossBatchMemory
 
@@ -59,7 +60,8 @@ def call_per_anchor(loss, emb, labels, **kw):
     except ValueError as e:
         if "probs" not in str(e):
             raise
-        m = None if kw.get("ref_embeddings") is None else len(kw["ref_labels"])
+        refs = kw.get("refs")
+        m = None if refs is None else len(refs.labels)
         return loss.per_anchor(emb, labels, **kw, **context(emb.shape[0], m))
 
 
@@ -140,14 +142,7 @@ def test_every_pair_loss_builds_multi_hot_masks(name, spy):
     ids = np.arange(12)
     ref_ids = np.arange(50, 59)
     per = call_per_anchor(
-        loss,
-        emb,
-        y,
-        ref_embeddings=bank,
-        ref_labels=by,
-        ids=ids,
-        ref_ids=ref_ids,
-        ref_valid=valid,
+        loss, emb, y, refs=References(bank, by, ref_ids, valid), ids=ids
     )
     assert np.all(np.isfinite(per.numpy()))
     want = brute_masks(y, by, ids, ref_ids, valid)
@@ -231,10 +226,8 @@ def test_supcon_nt_xent_multi_hot_vs_reference(kind):
     )
     np.testing.assert_allclose(float(loss(y, emb)), want.mean(), rtol=RTOL)
     bank, by = multi_hot_batch(7, n=10)
-    got = loss.per_anchor(emb, y, bank, by).numpy()
-    np.testing.assert_allclose(
-        got, fn(emb, y, bank, by), rtol=RTOL, atol=ATOL
-    )
+    got = loss.per_anchor(emb, y, References(bank, by)).numpy()
+    np.testing.assert_allclose(got, fn(emb, y, bank, by), rtol=RTOL, atol=ATOL)
 
 
 def test_bad_multi_hot_values():

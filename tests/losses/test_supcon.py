@@ -12,6 +12,7 @@ from tests.losses import pair_loss_checks as checks
 from tfdml import registry
 from tfdml.losses import NTXentLoss
 from tfdml.losses import PairLoss
+from tfdml.losses import References
 from tfdml.losses import SupConLoss
 from tfdml.memory import CrossBatchMemory
 
@@ -126,9 +127,8 @@ def test_reference_set_of_another_size_with_the_anchor_inside(kind):
     bank_ids[0] = 0  # anchor 0 itself is in the bank: never a positive
     bank[0] = emb[0]
     bank_labels[0] = labels[0]
-    got = loss.per_anchor(
-        emb, labels, bank, bank_labels, ids=ids, ref_ids=bank_ids
-    ).numpy()
+    refs = References(bank, bank_labels, ids=bank_ids)
+    got = loss.per_anchor(emb, labels, refs, ids=ids).numpy()
     want = fn(emb, labels, bank, bank_labels, ids=ids, ref_ids=bank_ids)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
