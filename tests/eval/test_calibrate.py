@@ -194,7 +194,9 @@ def test_exported_matched_flag(tmp_path):
     gallery = rng.random((20, h, w, c)).astype(np.float32)
     gal = np.asarray(enc(gallery)["embeddings"])
     labels = np.arange(20) % 4
-    thr = calibrate(gal, labels).threshold
+    # A threshold inside the query scores (the encoder's weights are random,
+    # so a calibrated one could sit below every score).
+    thr = float(np.median(gal[:6] @ gal.T))
     written = export_saved_model(
         enc,
         str(tmp_path / "m"),

@@ -98,6 +98,15 @@ def _unit64(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _check_flat_labels(ql, rl):
+    if np.ndim(ql) != 1 or np.ndim(rl) != 1:
+        raise ValueError(
+            "`query_labels` / `ref_labels` must be integer class ids [N] "
+            "(calibration decides 'same class'); received shapes "
+            f"{np.shape(ql)} and {np.shape(rl)}."
+        )
+
+
 def _f1(p, r):
     with np.errstate(invalid="ignore", divide="ignore"):
         f = 2 * p * r / (p + r)
@@ -230,6 +239,7 @@ def calibrate(
         normalize=False,
     )
     q, r = _unit64(q), _unit64(r)
+    _check_flat_labels(ql, rl)
     own = ref_embeddings is None
     if mode == "pairs":
         scores, rel, sampled = _pair_scores(
@@ -312,6 +322,7 @@ def precision_recall_at(
         normalize=False,
     )
     q, r = _unit64(q), _unit64(r)
+    _check_flat_labels(ql, rl)
     own = ref_embeddings is None
     if mode == "pairs":
         scores, rel, _ = _pair_scores(
