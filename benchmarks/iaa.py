@@ -18,23 +18,28 @@ Usage::
 
 import argparse
 import os
-import platform
+import sys
 import time
 
 from tfdml._cpu import enable_onednn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _common import machine_line  # noqa: E402
+from _common import pk_images  # noqa: E402
+from _common import pk_labels  # noqa: E402
 
 from tfdml.augment import IAAEstimator  # noqa: E402
 from tfdml.augment import IAARefresh  # noqa: E402
 from tfdml.augment import IAAugmenter  # noqa: E402
 from tfdml.augment import neighbor_correction  # noqa: E402
 from tfdml.losses import MultiSimilarityLoss  # noqa: E402
+from tfdml.losses import References  # noqa: E402
 from tfdml.memory import CrossBatchMemory  # noqa: E402
 from tfdml.models import DMLModel  # noqa: E402
 from tfdml.models import build_embedding_model  # noqa: E402
@@ -50,10 +55,7 @@ CONFIGS = {
 
 
 def batch(size, classes, per_class, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((classes * per_class, size, size, 1)).astype(np.float32)
-    y = np.repeat(np.arange(classes), per_class).astype(np.int32)
-    return x, y
+    return pk_images(size, classes, per_class, seed)
 
 
 def run(name, spec, args):
@@ -116,9 +118,7 @@ def time_head(args, iaa, jit, reps=50):
     rng = np.random.default_rng(0)
     n = args.classes * args.per_class
     raw = tf.constant(rng.normal(size=(n, args.dim)).astype(np.float32))
-    y = tf.constant(
-        np.repeat(np.arange(args.classes), args.per_class).astype(np.int32)
-    )
+    y = tf.constant(pk_labels(args.classes, args.per_class))
     ids = tf.range(n)
     loss = MultiSimilarityLoss()
     aug = None
@@ -139,7 +139,7 @@ def time_head(args, iaa, jit, reps=50):
                 ref_y = tf.concat([y, s_y], 0)
                 ref_ids = tf.concat([ids, s_ids], 0)
             value = tf.reduce_mean(
-                loss.per_anchor(emb, y, ref, ref_y, ids, ref_ids)
+                loss.per_anchor(emb, y, References(ref, ref_y, ref_ids), ids)
             )
         return tape.gradient(value, raw)
 
@@ -265,14 +265,11 @@ def main(argv=None):
         for name, spec in CONFIGS.items()
         if (not args.only or name in args.only) and not args.no_steps
     ]
-    devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
     print(
         f"small CNN, {args.size}x{args.size}x1, batch {args.classes}x"
         f"{args.per_class}, embedding {args.dim}, IAA M={args.copies}, Adam; "
         f"median of {args.repeats} x {args.steps} timed steps after "
-        f"{args.warmup} warm-up steps; TF {tf.__version__}, Keras "
-        f"{keras.__version__}, {devices}, {os.cpu_count()} CPU cores, "
-        f"{platform.processor() or 'cpu'}\n"
+        f"{args.warmup} warm-up steps; {machine_line()}\n"
     )
     base = {}
     print("| configuration | references | ms/step | vs plain | warm-up (s) |")

@@ -15,15 +15,17 @@ Usage::
 import argparse
 import os
 import platform
-import time
+import sys
 
 from tfdml._cpu import enable_onednn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _common import median_time  # noqa: E402
 
 import tfdml.losses as L  # noqa: E402
 
@@ -56,18 +58,6 @@ def compile_fn(fn, mode):
     if mode == "eager":
         return fn
     return tf.function(fn, jit_compile=(mode == "XLA"))
-
-
-def median_time(fn, args, repeats):
-    out = fn(*args)  # warm-up / trace / compile
-    tf.nest.map_structure(lambda t: t.numpy(), out)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(*args)
-        tf.nest.map_structure(lambda t: t.numpy(), out)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main():

@@ -15,16 +15,19 @@ Usage::
 
 import argparse
 import os
+import sys
 import time
 
 from tfdml._cpu import enable_onednn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _common import pk_labels  # noqa: E402
 
 from tfdml.meta import MMSIModel  # noqa: E402
 from tfdml.meta import meta_dataset  # noqa: E402
@@ -50,7 +53,7 @@ def data(size, classes=16, k=5, val_classes=10, seed=0):
     rng = np.random.default_rng(seed)
     n = classes * k
     images = rng.uniform(size=(n, size, size, 1)).astype("float32")
-    labels = np.repeat(np.arange(classes), k).astype("int32")
+    labels = pk_labels(classes, k)
     train = tf.data.Dataset.from_tensors((images, labels)).repeat()
     val = validation_dataset(images, labels, val_classes, seed=seed)
     return train, meta_dataset(train, val.prefetch(2))

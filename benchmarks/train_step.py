@@ -11,17 +11,19 @@ Usage::
 
 import argparse
 import os
-import platform
+import sys
 import time
 
 from tfdml._cpu import enable_onednn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _common import machine_line  # noqa: E402
+from _common import pk_images  # noqa: E402
 
 from tfdml.losses import MultiSimilarityLoss  # noqa: E402
 from tfdml.memory import CrossBatchMemory  # noqa: E402
@@ -38,10 +40,7 @@ CONFIGS = {
 
 
 def dataset(size, classes, per_class, seed=0):
-    rng = np.random.default_rng(seed)
-    batch = classes * per_class
-    x = rng.random((batch, size, size, 1)).astype(np.float32)
-    y = np.repeat(np.arange(classes), per_class).astype(np.int32)
+    x, y = pk_images(size, classes, per_class, seed)
     return tf.data.Dataset.from_tensors((x, y)).repeat()
 
 
@@ -120,13 +119,11 @@ def main(argv=None):
         for name, spec in CONFIGS.items()
         if not args.only or name in args.only
     ]
-    devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
     print(
         f"small CNN, {args.size}x{args.size}x1, batch "
         f"{args.classes}x{args.per_class}, embedding {args.dim}, MS loss, "
         f"Adam; {args.steps} timed steps after {args.warmup} warm-up steps; "
-        f"TF {tf.__version__}, Keras {keras.__version__}, {devices}, "
-        f"{os.cpu_count()} CPU cores, {platform.processor() or 'cpu'}\n"
+        f"{machine_line()}\n"
     )
     print(
         "| configuration | images/s | ms/step | timed steps | warm-up (s) "

@@ -1,12 +1,29 @@
-"""The benchmark protocol (tfdml.bench): split, configs, table, end to end."""
+"""The benchmark protocol (benchmarks/quality.py): split, configs read from
+configs/*.yaml, table, end to end, the committed results re-rendered."""
 
+import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import yaml
 
-from tfdml import bench
+from tfdml.training.build import Data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_quality():
+    path = os.path.join(ROOT, "benchmarks", "quality.py")
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_quality()
 
 
 def _argv(tmp_path):
@@ -65,13 +82,11 @@ def test_protocol_split_seeds_reproducible_and_distinct():
 
 
 def test_training_uses_the_protocol_split(tmp_path):
-    from tfdml import train_lib
-
     args = _args(tmp_path)
     for seed in (0, 1):
         cfg = bench.make_config(args, "contrastive", seed, str(tmp_path))
         assert cfg["train"]["seed"] == seed
-        data = train_lib.Data(cfg)
+        data = Data(cfg)
         ours = bench.protocol_splits(data.source.labels, seed, 0.25)
         for k in ("train", "val", "test"):
             np.testing.assert_array_equal(data.splits[k], ours[k])
@@ -169,11 +184,9 @@ def test_summary_table_and_verdicts():
 
 
 def test_raw_pixel_row_matches_numpy_nearest_neighbour(tmp_path):
-    from tfdml import train_lib
-
     cfg = bench.make_config(_args(tmp_path), "raw_pixels", 0, str(tmp_path))
     metrics, n = bench.raw_pixel_metrics(cfg)
-    x, y = train_lib.Data(cfg).arrays("test")
+    x, y = Data(cfg).arrays("test")
     assert n == len(y) == len(x)
     f = x.reshape(len(x), -1).astype(np.float64)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
@@ -255,3 +268,87 @@ def test_warm_start_row_fine_tunes_the_source_row(tmp_path):
         os.path.join(src, "best_encoder.keras"), compile=False
     )
     assert ms.count_params() > 0
+
+
+def _method_part(raw):
+    """The method settings of a raw config, as the benchmark reads them."""
+    out = {k: raw[k] for k in bench.METHOD_SECTIONS if raw.get(k)}
+    for section, keys in bench.METHOD_KEYS.items():
+        part = {k: raw[section][k] for k in keys if k in raw.get(section, {})}
+        if part:
+            out[section] = part
+    return out
+
+
+def test_rows_read_their_settings_from_the_configs():
+    """No copy of the hyper-parameters: a row without overrides has exactly
+    its config's method settings; a row with overrides differs from its
+    config only in the overridden keys."""
+    checked = 0
+    for row, (_, base, name, overrides) in bench.ROWS.items():
+        assert base is None or base in bench.ROWS, row
+        sections = dict(bench.METHODS[row][2] or {})
+        warm = sections.pop("warm_start", None)
+        if name is None:
+            assert sections == (overrides or {}), row
+            continue
+        with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
+            raw = yaml.safe_load(f)
+        want = _method_part(raw)
+        for section, values in (overrides or {}).items():
+            if values is None:
+                want.pop(section, None)
+            else:
+                want[section] = {**want.get(section, {}), **values}
+        assert sections == want, row
+        if raw["train"].get("init_from"):
+            assert warm["learning_rate"] == raw["optimizer"]["learning_rate"]
+            assert bench.ROWS[warm["from"]][2] == os.path.basename(
+                raw["train"]["init_from"]
+            )
+        else:
+            assert warm is None, row
+        checked += 1
+    assert checked >= 20
+
+
+def test_a_changed_config_changes_the_row(tmp_path):
+    """The settings come from the config files (here a copy with another
+    MS alpha), not from a table inside the benchmark."""
+    configs = tmp_path / "configs"
+    shutil.copytree(os.path.join(ROOT, "configs"), configs)
+    raw = yaml.safe_load((configs / "ms_cjk.yaml").read_text())
+    raw["loss"]["alpha"] = 7.0
+    (configs / "ms_cjk.yaml").write_text(yaml.safe_dump(raw))
+    table = bench.method_table(str(configs))
+    assert table["ms"][2]["loss"]["alpha"] == 7.0
+    assert bench.METHODS["ms"][2]["loss"]["alpha"] == 2.0
+
+
+def test_committed_results_render_unchanged(tmp_path):
+    """The results format stays: the committed JSON (written by the old
+    ``python -m tfdml.bench``) re-renders to the committed Markdown."""
+    results = os.path.join(ROOT, "benchmarks", "results")
+    name = "cjk_glyphs_small_300steps"
+    src = os.path.join(results, f"quality_{name}.json")
+    rc = bench.main(["--out", str(tmp_path), "--name", name, "--render", src])
+    assert rc == 0
+    want = open(os.path.join(results, f"quality_{name}.md")).read()
+    assert (tmp_path / f"quality_{name}.md").read_text() == want
+    assert json.loads((tmp_path / f"quality_{name}.json").read_text()) == (
+        json.loads(open(src).read())
+    )
+
+
+def test_recorded_command_lines_old_and_new():
+    flags = ["--dataset", "synthetic", "--steps", "4", "--epochs", "2"]
+    for prefix in ("python -m tfdml.bench", bench.COMMAND):
+        assert bench._recorded_argv(f"{prefix} " + " ".join(flags)) == flags
+
+
+def test_tfdml_bench_says_where_it_went(capsys):
+    from tfdml import bench as moved
+
+    with pytest.warns(DeprecationWarning, match="benchmarks/quality.py"):
+        assert moved.main([]) == 2
+    assert "benchmarks/quality.py" in capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""The evaluation benchmark scripts still run (tiny sizes, no timing)."""
+"""The benchmark scripts still run (tiny sizes, no timing) and share
+benchmarks/_common.py (machine header, timers, P x K batches)."""
 
 import importlib.util
 import os
 
+import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +18,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.slow
 def test_eval_benchmark_tables(capsys):
     ev = _load("eval")
     # 400 points in full, then 1,000 points timed on a 100-query sample.
@@ -34,6 +35,7 @@ def test_eval_benchmark_tables(capsys):
     assert "| 3,000 |" in out
 
 
+@pytest.mark.slow
 def test_full_run_script(capsys):
     _load("eval_full_1m").main(["--n", "600"])
     out = capsys.readouterr().out
@@ -41,6 +43,7 @@ def test_full_run_script(capsys):
     assert len(row) == 1 and "1.0000" in row[0]
 
 
+@pytest.mark.slow
 def test_vs_pml_protocol_and_tfdml_trainer(tmp_path, capsys):
     """vs_pml: class split, shared P x K batches, the tfdml side end to end
     on a tiny npz (the PML side needs the peer's venv: not run here)."""
@@ -92,3 +95,65 @@ def test_vs_pml_protocol_and_tfdml_trainer(tmp_path, capsys):
         "tfdml (precise BN)",
     ]
     assert all(0.0 <= r["map@r"] <= 1.0 for r in rows)
+
+
+def test_common_pk_batches_and_images():
+    common = _load("_common")
+    labels = np.repeat(np.arange(12), 5)
+    labels[:2] = 11  # class 0 keeps 3 images: not eligible for k = 4
+    train = np.arange(8)
+    b = common.pk_batches(labels, train, steps=20, p=3, k=4, seed=1)
+    assert b.shape == (20, 12) and b.dtype == np.int64
+    for row in b:
+        groups = labels[row].reshape(3, 4)
+        assert (groups == groups[:, :1]).all()  # k images of one class each
+        assert len(set(groups[:, 0])) == 3  # p distinct classes
+        assert len(set(row)) == 12  # distinct images
+        assert set(groups[:, 0]) <= set(range(1, 8))  # eligible train only
+    np.testing.assert_array_equal(
+        b, common.pk_batches(labels, train, steps=20, p=3, k=4, seed=1)
+    )
+    with pytest.raises(ValueError, match="p=9"):
+        common.pk_batches(labels, train, steps=1, p=9, k=4, seed=0)
+    x, y = common.pk_images(8, 3, 2, seed=0, channels=1)
+    assert x.shape == (6, 8, 8, 1) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() < 1.0
+    np.testing.assert_array_equal(y, [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(common.pk_labels(2, 3), [0, 0, 0, 1, 1, 1])
+
+
+def test_common_headers_and_timers():
+    common = _load("_common")
+    env = common.environment()
+    assert set(env) == {
+        "date_utc",
+        "machine",
+        "python",
+        "tensorflow",
+        "keras",
+        "numpy",
+    }
+    assert "CPU cores visible" in env["machine"]
+    assert "CPU cores" in common.machine_line()
+    calls = []
+    t = common.median_time(lambda v: calls.append(v) or v, (1,), repeats=3)
+    assert calls == [1] * 4 and t >= 0.0  # one warm-up call + 3 timed
+    with common.Stopwatch() as watch:
+        pass
+    assert watch.seconds >= 0.0
+
+
+def test_scripts_import_the_shared_module():
+    """Each script that uses _common loads (imports resolve) and its data
+    helper is _common's P x K batch."""
+    common = _load("_common")
+    for name in ("losses", "train_step", "iaa", "mmsi"):
+        mod = _load(name)
+        assert mod.__dict__.get("pk_images", common.pk_images).__name__ == (
+            "pk_images"
+        )
+    iaa = _load("iaa")
+    x, y = iaa.batch(8, 2, 3)
+    x2, y2 = common.pk_images(8, 2, 3)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)

@@ -192,11 +192,11 @@ ENTRY_POINTS = [
     "train.py",
     "export/export.py",
     "tfdml.demo",
-    "tfdml.bench",
 ] + sorted(
     f"benchmarks/{f}"
     for f in os.listdir(os.path.join(ROOT, "benchmarks"))
-    if f.endswith(".py") and f not in WORKER_SCRIPTS
+    # _common.py is the scripts' shared module, not an entry point
+    if f.endswith(".py") and f not in WORKER_SCRIPTS and f[0] != "_"
 )
 
 

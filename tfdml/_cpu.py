@@ -8,7 +8,7 @@ stays off and training ran at 0.53-0.57x PyTorch's speed, 0.98-1.07x with
 
 * :func:`enable_onednn` defaults the variable to ``1``, keeping any value
   the user set. Every entry point (``train.py``, ``export/export.py``,
-  ``python -m tfdml.demo`` / ``tfdml.bench``, ``benchmarks/*.py``) calls it
+  ``python -m tfdml.demo``, ``benchmarks/*.py``) calls it
   before TensorFlow is imported, and so does ``import tfdml`` when
   TensorFlow is not imported yet.
 * :func:`check_onednn` (run by ``import tfdml`` when TensorFlow was imported
