@@ -111,9 +111,10 @@ def test_arcface_beyond_pi_minus_margin_uses_the_fallback():
     loss, proxies, _ = make("ArcFaceLoss")
     emb, y = batch()
     emb[0] = -proxies[y[0]] + 0.01  # theta_y close to pi
-    proxies[y[1]] = np.eye(D)[0]
+    assert y[2] != y[0]
+    proxies[y[2]] = np.eye(D)[0]
     loss.proxies.assign(proxies)
-    emb[1] = 2 * np.eye(D)[0]  # cos_y exactly 1: the gradient stays finite
+    emb[2] = 2 * np.eye(D)[0]  # cos_y at (or next to) 1
     cos0 = ref._cos(emb, proxies)[0, y[0]]
     assert math_acos(cos0) > np.pi - 0.5
     np.testing.assert_allclose(
@@ -122,11 +123,33 @@ def test_arcface_beyond_pi_minus_margin_uses_the_fallback():
         rtol=1e-5,
         atol=1e-6,
     )
+    # scale 1: at scale 64 that anchor's softmax saturates (no gradient)
+    small = L.ArcFaceLoss.from_config({**loss.get_config(), "scale": 1.0})
+    small.proxies.assign(proxies)
     x = tf.constant(emb)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        value = tf.reduce_sum(loss.per_anchor(x, y))
-    assert np.all(np.isfinite(tape.gradient(value, x).numpy()))
+        value = tf.reduce_sum(small.per_anchor(x, y))
+    grads = tape.gradient(value, [x, small.proxies.value])
+    assert np.abs(grads[0].numpy()[2]).max() > 1e-3
+    for g in grads:
+        assert np.all(np.isfinite(g.numpy()))
+
+
+def test_arcface_target_gradient_is_finite_at_cos_plus_minus_one():
+    from tfdml.losses.margin_softmax import arcface_target
+
+    c = tf.constant([1.0, -1.0, 0.3])
+    with tf.GradientTape() as tape:
+        tape.watch(c)
+        t = arcface_target(c, 0.5)
+    g = tape.gradient(t, c).numpy()
+    assert np.all(np.isfinite(g)), g
+    np.testing.assert_allclose(
+        t.numpy(),
+        [np.cos(0.5), -1 - 0.5 * np.sin(0.5), np.cos(np.arccos(0.3) + 0.5)],
+        rtol=1e-3,
+    )
 
 
 def math_acos(c):
