@@ -18,6 +18,13 @@ Definitions (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020):
 Queries with ``R = 0`` (their label has no other reference) are excluded from
 every mean and counted in ``num_excluded``.
 
+Relevance beyond one label: with multi-hot labels ``[N, C]`` a reference is
+relevant iff its label set intersects the query's, and ``relevance=`` takes
+any ``[Nq, Nr]`` bool matrix; ``R`` is then the number of relevant
+references and the definitions above are unchanged (see
+:func:`_relevance_metrics`: the top-R ranking below, or a full ranking for
+``map`` / ``mrr``).
+
 Ties: the ranking is ``(score descending, reference index ascending)``, the
 order ``tf.math.top_k`` uses. Two scores tie only when their float32 values
 are bit-identical.
@@ -703,9 +710,154 @@ def _scann_metrics(q, ql, r, rl, self_idx, ks, sample, seed, scann_kw):
     return out
 
 
+# -- relevance beyond one label: multi-hot labels or a relevance matrix -----
+
+
+def _is_multi_hot(y):
+    """``[N, C]`` labels with ``C > 1`` (``[N, 1]`` are class ids)."""
+    return y is not None and np.ndim(y) == 2 and np.shape(y)[1] != 1
+
+
+def _as_multi_hot(y, n, name, classes=None):
+    y = np.asarray(y)
+    if y.ndim != 2 or len(y) != n or (classes and y.shape[1] != classes):
+        want = f"[{n}, {classes or 'classes'}]"
+        raise ValueError(
+            f"`{name}` must be multi-hot labels of shape {want} (the "
+            f"query and reference labels in the same form); received "
+            f"shape {y.shape}."
+        )
+    if y.dtype != bool:
+        if not (
+            np.issubdtype(y.dtype, np.integer)
+            or np.issubdtype(y.dtype, np.floating)
+        ):
+            raise ValueError(
+                f"`{name}` must be multi-hot 0/1 values; received dtype "
+                f"{y.dtype}."
+            )
+        if not np.all((y == 0) | (y == 1)):
+            raise ValueError(
+                f"`{name}` are multi-hot labels: every value must be 0 or 1."
+            )
+    return y != 0
+
+
+def _relevance_metrics(
+    query_embeddings,
+    query_labels,
+    ref_embeddings,
+    ref_labels,
+    relevance,
+    exclude_self,
+    normalize,
+    query_ids,
+    names,
+    block_size,
+):
+    """Exact metrics when relevance is not "same class id": multi-hot labels
+    (relevant iff the label sets intersect) or an explicit ``[Nq, Nr]`` bool
+    matrix. Per block of queries: the relevance rows (self excluded), then
+    the ranking of :func:`_topk_neighbors` (same tie rule) over the first
+    ``max(R_max, K)`` references, or over all of them when ``map`` / ``mrr``
+    are asked for."""
+    nq = np.shape(query_embeddings)[0] if np.ndim(query_embeddings) else 0
+    own = ref_embeddings is None
+    if relevance is not None:
+        if query_labels is not None or ref_labels is not None:
+            raise ValueError(
+                "Give either `relevance` or labels (`query_labels`, "
+                "`ref_labels`), not both."
+            )
+    elif not own and ref_labels is None:
+        raise ValueError(
+            "`ref_embeddings` and `ref_labels` must be given together; "
+            "received ref_labels=None."
+        )
+    nr = (
+        nq
+        if own
+        else (np.shape(ref_embeddings)[0] if np.ndim(ref_embeddings) else 0)
+    )
+    q, _, r, _, self_idx = _prepare(
+        query_embeddings,
+        np.zeros(nq, np.int64),
+        ref_embeddings,
+        None if own else np.zeros(nr, np.int64),
+        exclude_self,
+        normalize,
+        query_ids,
+    )
+    if relevance is not None:
+        rel_all = np.asarray(relevance)
+        if rel_all.shape != (len(q), len(r)) or rel_all.dtype != bool:
+            raise ValueError(
+                f"`relevance` must be a bool matrix of shape [{len(q)}, "
+                f"{len(r)}] (queries x references); received dtype "
+                f"{rel_all.dtype}, shape {rel_all.shape}."
+            )
+
+        def rows(b0, b1):
+            return rel_all[b0:b1].copy()
+
+    else:
+        ql = _as_multi_hot(query_labels, len(q), "query_labels")
+        rl = (
+            ql
+            if own
+            else _as_multi_hot(ref_labels, len(r), "ref_labels", ql.shape[1])
+        )
+        ql32, rl32 = ql.astype(np.float32), rl.astype(np.float32)
+
+        def rows(b0, b1):
+            return (ql32[b0:b1] @ rl32.T) > 0.5
+
+    n = len(r)
+    bq = max(1, min(block_size, _SCORE_BUDGET // max(n, 1)))
+    blocks = [(b0, min(len(q), b0 + bq)) for b0 in range(0, len(q), bq)]
+
+    def block_rows(b0, b1):
+        rel = rows(b0, b1)
+        own_ref = self_idx[b0:b1]
+        has = own_ref >= 0
+        rel[np.nonzero(has)[0], own_ref[has]] = False
+        return rel
+
+    big_r = np.zeros(len(q), np.int64)
+    for b0, b1 in blocks:
+        big_r[b0:b1] = block_rows(b0, b1).sum(1)
+    extra = int(np.any(self_idx >= 0))
+    if set(names) & set(_RANK_METRICS):
+        k = n - extra
+    else:
+        ks = [int(m[7:]) for m in names if m.startswith("recall@")]
+        k = min(max([int(big_r.max(initial=0)), 1] + ks), n - extra)
+    totals, counted, excluded = dict.fromkeys(names, 0.0), 0, 0
+    for b0, b1 in blocks:
+        rel = block_rows(b0, b1)
+        if k < 1:
+            rel = np.zeros((b1 - b0, 1), bool)
+        else:
+            nb = _topk_neighbors(q[b0:b1], r, self_idx[b0:b1], k, bq)
+            rel = np.take_along_axis(rel, nb, axis=1)
+        part = _metrics_from_relevance(rel, big_r[b0:b1], names)
+        excluded += part["num_excluded"]
+        if part["num_queries"]:
+            counted += part["num_queries"]
+            for name in names:
+                totals[name] += part[name] * part["num_queries"]
+    out = {
+        name: (totals[name] / counted if counted else float("nan"))
+        for name in names
+    }
+    out["num_queries"] = int(counted)
+    out["num_excluded"] = int(excluded)
+    return out
+
+
 def retrieval_metrics(
     query_embeddings: npt.ArrayLike,
-    query_labels: npt.ArrayLike,
+    query_labels: npt.ArrayLike | None,
     ref_embeddings: npt.ArrayLike | None = None,
     ref_labels: npt.ArrayLike | None = None,
     ks: Iterable[int] = _DEFAULT_KS,
@@ -721,6 +873,7 @@ def retrieval_metrics(
     sparse_limit: int = _SPARSE_LIMIT,
     query_ids: npt.ArrayLike | None = None,
     metrics: str | Iterable[str] | None = None,
+    relevance: npt.ArrayLike | None = None,
 ) -> dict[str, float | int]:
     """Retrieval metrics of a query set against a reference set.
 
@@ -729,7 +882,10 @@ def retrieval_metrics(
 
     Args:
       query_embeddings: ``[Nq, d]`` float.
-      query_labels: ``[Nq]`` int class ids.
+      query_labels: ``[Nq]`` int class ids, or ``[Nq, C]`` multi-hot 0/1
+        labels (a reference is relevant iff its label set intersects the
+        query's; ``ref_labels`` then ``[Nr, C]``), or None with
+        ``relevance``.
       ref_embeddings: ``[Nr, d]`` float, or None: the queries are their own
         references.
       ref_labels: ``[Nr]`` int; given together with ``ref_embeddings``.
@@ -761,6 +917,13 @@ def retrieval_metrics(
         ``map`` and ``mrr`` (which need the rank of every relevant
         reference) the exact metrics come from each query's first
         ``max(R, K)`` references, several times faster.
+      relevance: optional ``[Nq, Nr]`` bool matrix, True where reference j
+        is relevant to query i (instead of labels; ``Nr = Nq`` without a
+        reference set). The query itself stays excluded as with labels.
+        With multi-hot labels or ``relevance``, ``R`` is the number of
+        relevant references, the ranking and tie rule are the same, and
+        ``map`` / ``mrr`` rank every reference (slower than the top-R
+        metrics); ``method="scann"`` is not available.
 
     Returns:
       dict with ``recall@K`` for each K, ``precision@1``, ``r_precision``,
@@ -782,6 +945,30 @@ def retrieval_metrics(
     if int(ref_block_size) < 1:
         raise ValueError(
             f"`ref_block_size` must be >= 1; received {ref_block_size}."
+        )
+    if (
+        relevance is not None
+        or _is_multi_hot(query_labels)
+        or _is_multi_hot(ref_labels)
+    ):
+        if method != "exact":
+            raise ValueError(
+                "`method` must be 'exact' with multi-hot labels or "
+                f"`relevance`; received {method!r}."
+            )
+        return pick(
+            _relevance_metrics(
+                query_embeddings,
+                query_labels,
+                ref_embeddings,
+                ref_labels,
+                relevance,
+                exclude_self,
+                normalize,
+                query_ids,
+                names,
+                int(block_size),
+            )
         )
     q, ql, r, rl, ex = _prepare(
         query_embeddings,
