@@ -263,6 +263,8 @@ def _tfdml_loss_step(loss, memory):
             return value, tape.gradient(value, emb)
 
         return step
+    from tfdml.losses import References
+
     seen = tf.Variable(0, dtype=tf.int32, trainable=False)
 
     def step(emb, labels):
@@ -276,10 +278,12 @@ def _tfdml_loss_step(loss, memory):
                 emb,
                 labels,
                 ids,
-                tf.concat([emb, m_emb], 0),
-                tf.concat([labels, m_lab], 0),
-                tf.concat([ids, m_ids], 0),
-                tf.concat([tf.ones_like(labels, tf.bool), m_valid], 0),
+                References(
+                    tf.concat([emb, m_emb], 0),
+                    tf.concat([labels, m_lab], 0),
+                    tf.concat([ids, m_ids], 0),
+                    tf.concat([tf.ones_like(labels, tf.bool), m_valid], 0),
+                ),
             )
             value = tf.reduce_mean(per)
         grad = tape.gradient(value, emb)
