@@ -106,7 +106,7 @@ def tiny_run_dir(root, h, w, c, d):
     ``tfdml.training.run_dir`` (``config.yaml`` with the resolved config of
     a ``h x h x c`` model, ``best_encoder.keras`` from :func:`tiny_encoder`,
     seeded), so ``export/export.py --run`` reads it like a real run."""
-    from tfdml import config as config_lib
+    from tfdml.training import config as config_lib
     from tfdml.training import run_dir as run_dir_lib
 
     assert h == w, "model.image_size is square"

@@ -1,7 +1,8 @@
 """Bad config and data input: exit status 2 naming the key, nothing written.
 
 Every case goes through ``train.main`` (the ``train.py`` CLI) twice: with
-``--check`` and for real. Both must stop with :data:`train_lib.EXIT_CONFIG`
+``--check`` and for real. Both must stop with
+:data:`tfdml.training.loop.EXIT_CONFIG`
 before the run folder exists, and name the offending key on stderr.
 """
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 import train
-from tfdml import config as config_lib
-from tfdml import train_lib
+from tfdml.training import build as build_lib
+from tfdml.training import config as config_lib
+from tfdml.training import loop as loop_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +215,7 @@ def test_bad_input_exits_2_naming_the_key(tmp_path, capsys, case, check):
     status, err, key, run_dir, before, inputs = _run_cli(
         tmp_path, capsys, case, check
     )
-    assert status == train_lib.EXIT_CONFIG, err
+    assert status == loop_lib.EXIT_CONFIG, err
     assert "config error" in err and key in err, err
     assert not run_dir.exists()
     assert sorted(os.listdir(tmp_path)) == ["inputs"]
@@ -239,7 +241,7 @@ def test_existing_run_folder_is_not_touched(tmp_path, capsys):
             "eval.monitor=mapr",
         ]
     )
-    assert status == train_lib.EXIT_CONFIG
+    assert status == loop_lib.EXIT_CONFIG
     assert "eval.monitor" in capsys.readouterr().err
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "precious.txt"]
 
@@ -248,17 +250,17 @@ def test_monitor_accepts_every_produced_metric():
     cfg = config_lib.load(text=SYNTHETIC)
     for name in ("map@r", "map", "mrr", "precision@1", "r_precision"):
         cfg["eval"]["monitor"] = name
-        train_lib.validate_objects(cfg)
+        build_lib.validate_objects(cfg)
         # the monitor is always computed (map / mrr on the rank path)
-        assert name in train_lib.eval_metrics(cfg)
+        assert name in build_lib.eval_metrics(cfg)
     cfg["eval"]["monitor"] = "map@r"
-    assert "map" not in train_lib.monitor_metrics(cfg)
+    assert "map" not in build_lib.monitor_metrics(cfg)
     cfg["eval"]["metrics"] = ["map", "recall"]
-    names = train_lib.monitor_metrics(cfg)
+    names = build_lib.monitor_metrics(cfg)
     assert "map" in names and "map@r" in names and "mrr" not in names
     for k in cfg["eval"]["recall_at"]:
         cfg["eval"]["monitor"] = f"recall@{k}"
-        train_lib.validate_objects(cfg)
+        build_lib.validate_objects(cfg)
 
 
 def test_huge_label_ids_are_remapped(tmp_path, capsys):
@@ -270,7 +272,7 @@ def test_huge_label_ids_are_remapped(tmp_path, capsys):
     argv = ["--config", config, "--set", f"train.run_dir={run_dir}"]
     assert train.main([*argv, "--check"]) == 0, capsys.readouterr().err
     cfg = config_lib.load(config, [f"train.run_dir={run_dir}"])
-    built = train_lib.validate(cfg)
+    built = build_lib.validate(cfg)
     data = built.data
     assert len(np.unique(data.source.labels)) == 24
     assert data.num_train_classes == len(data.splits["train"])

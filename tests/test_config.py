@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import train
-from tfdml import config as config_lib
-from tfdml import train_lib
+from tfdml.training import build as build_lib
+from tfdml.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -142,26 +142,26 @@ def test_set_is_type_checked(override, key):
 def test_unknown_loss_kwarg_is_rejected_by_construction():
     cfg = _load("loss.not_an_arg=1")
     with pytest.raises(config_lib.ConfigError, match="^loss"):
-        train_lib.build_loss(cfg)
+        build_lib.build_loss(cfg)
 
 
 def test_bad_loss_value_names_the_kwarg():
     cfg = _load("loss.name=MultiSimilarityLoss", "loss.alpha=-1")
     with pytest.raises(config_lib.ConfigError) as info:
-        train_lib.build_loss(cfg)
+        build_lib.build_loss(cfg)
     assert str(info.value).startswith("loss.alpha"), str(info.value)
 
 
 def test_unknown_model_kwarg_is_rejected():
     cfg = _load("model.colour=1")
     with pytest.raises(config_lib.ConfigError, match="^model.colour"):
-        train_lib.validate(cfg)
+        build_lib.validate(cfg)
 
 
 def test_too_many_classes_per_batch():
     cfg = _load("data.classes_per_batch=500")
     with pytest.raises(config_lib.ConfigError) as info:
-        train_lib.validate(cfg)
+        build_lib.validate(cfg)
     assert str(info.value).startswith("data.classes_per_batch")
 
 
@@ -264,7 +264,7 @@ def test_demo_config_ships_in_the_package():
 def test_every_config_loads_and_builds(path):
     cfg = config_lib.load(path)
     # Loss, miner, weighting and constructor kwargs, without touching data.
-    train_lib.build_loss(cfg)
-    train_lib.validate_objects(cfg)
+    build_lib.build_loss(cfg)
+    build_lib.validate_objects(cfg)
     p, k = cfg["data"]["classes_per_batch"], cfg["data"]["samples_per_class"]
     assert p >= 2 and k >= 2

@@ -65,14 +65,14 @@ def test_init_from_loads_the_source_weights(tmp_path):
 
 
 def test_init_from_falls_back_to_final_encoder(tmp_path):
-    from tfdml import config as config_lib
-    from tfdml import train_lib
+    from tfdml.training import build as build_lib
+    from tfdml.training import config as config_lib
 
     src, enc = _source(tmp_path, name="final_encoder.keras")
     cfg = config_lib.load(SMOKE, [f"train.init_from={src}"])
-    built = train_lib.validate(cfg)
-    parts = train_lib.build_model(cfg, built)
-    train_lib.apply_init_from(built, parts.encoder)
+    built = build_lib.validate(cfg)
+    parts = build_lib.build_model(cfg, built)
+    build_lib.apply_init_from(built, parts.encoder)
     for a, b in zip(parts.encoder.weights, enc.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 

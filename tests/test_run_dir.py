@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import train
-from tfdml import config as config_lib
+from tfdml.training import config as config_lib
 from tfdml.training import run_dir as run_dir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import tfdml.models  # noqa: F401  (registers the encoder's layers)
 import train
-from tfdml import train_lib
+from tfdml.training import loop as loop_lib
 from tfdml.training import run_dir as run_dir_lib
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_smoke_run_writes_every_artefact(tmp_path, capsys):
         os.listdir(run_dir / "plots")
     )
     # Resolved config (with the override) and every object's config.
-    from tfdml import config as config_lib
+    from tfdml.training import config as config_lib
 
     doc = run_dir_lib.read_document(str(run_dir))
     assert doc["resolved"]["optimizer"]["learning_rate"] == 2e-3
@@ -119,7 +119,7 @@ def test_nan_stops_keeps_last_good_checkpoint(tmp_path, capsys):
         # Poison the weights before the second step of epoch 2.
         f"train.debug_inject_nan_at_step={cfg['steps'] + 1}",
     )
-    assert status == train_lib.EXIT_NAN
+    assert status == loop_lib.EXIT_NAN
     err = capsys.readouterr().err
     assert "non-finite" in err and "epoch 2" in err
     assert "epoch-00001" in err
@@ -206,7 +206,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
 
 @pytest.mark.needs_fonts
 def test_demo_tiny(tmp_path, capsys):
-    from tfdml import demo
+    from tfdml.training import demo
 
     status = demo.main(["--tiny", "--out", str(tmp_path / "demo")])
     assert status == 0

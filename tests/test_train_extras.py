@@ -121,7 +121,7 @@ def test_export_matched_flag_uses_the_calibrated_threshold(run, tmp_path):
 
 def test_smoke_config_is_unchanged():
     # The run above relies on smoke.yaml's 3 epochs x 4 steps.
-    from tfdml import config as config_lib
+    from tfdml.training import config as config_lib
 
     cfg = config_lib.load(SMOKE)
     assert (cfg["train"]["epochs"], cfg["train"]["steps_per_epoch"]) == (3, 4)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import train
-from tfdml import config as config_lib
-from tfdml import train_lib
+from tfdml.training import build as build_lib
+from tfdml.training import callbacks as callbacks_lib
+from tfdml.training import config as config_lib
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +45,8 @@ def _stats_after_recalibration(run_dir, recalibrate, name):
     saved = _bn_stats(enc)
     cfg = config_lib.load(SMOKE, overrides)
     cfg["eval"]["recalibrate_bn"] = True
-    built = train_lib.validate(cfg)
-    assert train_lib.recalibrate(cfg, built, enc) > 0
+    built = build_lib.validate(cfg)
+    assert callbacks_lib.recalibrate(cfg, built, enc) > 0
     return saved, _bn_stats(enc)
 
 

@@ -456,8 +456,8 @@ def test_osm_caa_configs_isolate_each_part():
     import glob
     import os
 
-    from tfdml import config as config_lib
-    from tfdml import train_lib
+    from tfdml.training import build as build_lib
+    from tfdml.training import config as config_lib
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     rows = {}
@@ -465,7 +465,7 @@ def test_osm_caa_configs_isolate_each_part():
         glob.glob(os.path.join(root, "configs", "osm_caa*.yaml"))
     ):
         cfg = config_lib.load(path)
-        train_lib.validate_objects(cfg)
+        build_lib.validate_objects(cfg)
         rows[os.path.basename(path)] = (
             cfg["loss"].get("use_caa", True),
             cfg["train"]["classification_loss_weight"],

@@ -3,8 +3,8 @@ rows and the matching "MS continued" control agree on start, steps and lr."""
 
 import os
 
-from tfdml import config as config_lib
-from tfdml import train_lib
+from tfdml.training import build as build_lib
+from tfdml.training import config as config_lib
 
 CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs"
@@ -13,7 +13,7 @@ CONFIGS = os.path.join(
 
 def _load(name):
     cfg = config_lib.load(os.path.join(CONFIGS, name))
-    train_lib.validate_objects(cfg)
+    build_lib.validate_objects(cfg)
     return cfg
 
 
