@@ -86,7 +86,9 @@ def test_plots_and_calibration_report(run):
     assert set(cal["test"]) == {"precision", "recall", "f1", "num_pairs"}
 
 
-def test_export_matched_flag_uses_the_calibrated_threshold(run, tmp_path):
+def test_export_matched_flag_uses_the_calibrated_threshold(
+    run, tmp_path, capsys
+):
     run_dir, _ = run
     report = json.loads((run_dir / "eval_test.json").read_text())
     thr = report["calibration"]["threshold"]
@@ -117,6 +119,33 @@ def test_export_matched_flag_uses_the_calibrated_threshold(run, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["--run", str(run_dir), "--out", str(out), "--threshold", "2"])
     assert e.value.code == 2
+    base = ["--run", str(run_dir), "--out", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(base + ["--threshold", "0.5", "--target-precision", "0.2"])
+    assert e.value.code == 2
+    # --target-precision: calibrated on the run's validation split (the
+    # final encoder there, the best one here: any threshold in [-1, 1]).
+    capsys.readouterr()
+    written = cli.main(base + ["--target-precision", "0.2"])
+    printed = capsys.readouterr().out
+    # The same calibration by hand: the run's best encoder on its val split.
+    from tfdml.data import load_split_arrays
+    from tfdml.eval import calibrate
+    from tfdml.training import report
+
+    enc, cfg, _ = report.load_run(str(run_dir))
+    xv, yv = load_split_arrays(cfg, "val")[:2]
+    emb = np.asarray(enc(xv.astype(np.float32) / 255.0)["embeddings"])
+    expected = calibrate(emb, yv, target_precision=0.2)
+    assert f"threshold {expected.threshold:.4f}" in printed
+    m3 = tf.saved_model.load(written["brute_force"])
+    o = m3.signatures["search"](
+        embeddings=tf.constant(emb[:4]), k=tf.constant(9)
+    )
+    np.testing.assert_array_equal(
+        o["matched"].numpy(),
+        o["scores"].numpy() >= np.float32(expected.threshold),
+    )
 
 
 def test_smoke_config_is_unchanged():
