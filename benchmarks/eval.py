@@ -190,7 +190,7 @@ def bench_endpoints(n=100_000, reps=50):
     enc = keras.Model(inp, {"embeddings": emb, "raw": raw})
     db, _ = clustered(n, class_size=100, seed=2, noise=0.3)
     out = tempfile.mkdtemp()
-    paths = export_saved_model(enc, out, database=db, index="both", k=10)
+    paths = export_saved_model(enc, out, gallery=db, index="both", k=10)
     rng = np.random.default_rng(0)
     rows = []
     for variant, path in paths.items():

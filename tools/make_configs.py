@@ -236,15 +236,15 @@ _OSM = {
     "caa_sigma": 0.68,
 }
 _IAA_TITLE = (
-    "IAA + {method} (seeds.md 2, paper behaviour): M = 3 synthetic per "
+    "IAA + {method} (paper behaviour): M = 3 synthetic per "
     "sample, lambda {augment[lam]}, K = 25 neighbour classes, beta = gamma = "
     "0.1, tau = 40; Adam, wd 1e-5, 100 epochs, x0.2 at 40 and 60"
 )
 _MMSI_TITLE = (
-    "MMSI + {method} (seeds.md 1.5): batch 80 = 16 x 5, validation batch 10 "
-    "x 1 from the training classes, warm-up gate ~98 % of the training "
-    "classes, Adam lr {optimizer[learning_rate]}, wd 5e-4; d_size "
-    "{meta[d_size]}"
+    "MMSI + {method} (official code settings): batch 80 = 16 x 5, "
+    "validation batch 10 x 1 from the training classes, warm-up gate ~98 % "
+    "of the training classes, Adam lr {optimizer[learning_rate]}, wd 5e-4; "
+    "d_size {meta[d_size]}"
 )
 _FINETUNE = (
     "fine-tunes the MS run's best encoder (train.init_from: runs/ms_cjk; "
@@ -281,7 +281,7 @@ METHODS = {
         "loss": _TRIPLET_SEMIHARD,
     },
     "ms": {
-        "title": "MS loss, msight code values (seeds.md 4.2): alpha 2, beta "
+        "title": "MS loss, msight code values: alpha 2, beta "
         "40, base 0.5, eps 0.1; Adam 3e-5, wd 5e-4, 3000 iterations, x0.1 at "
         "1200/2400, batch 80 = 16 x 5",
         "recipe": "ms",
@@ -302,7 +302,7 @@ METHODS = {
     },
     "xbm_contrastive": {
         "title": "contrastive + cross-batch memory (XBM, Wang et al. CVPR "
-        "2020); memory about the training-set size (not from seeds.md)",
+        "2020); memory about the training-set size (not from the paper)",
         "recipe": "xbm",
         "loss": {**_CONTRASTIVE, "pos_margin": 1.0, "neg_margin": 0.5},
         "memory": {
@@ -346,11 +346,12 @@ METHODS = {
         "meta": _MMSI_MS_META,
     },
     "osm_caa": {
-        "title": "OSM + CAA weighted contrastive (seeds.md 3): batch 56 = 8 x "
-        "7, SGD momentum 0.9, official solver lr / wd / x0.5 steps; the "
-        "classification head only supplies CAA's true-class probabilities "
-        "(classification_loss_weight 0: no CE gradient, so CAA is close to a "
-        "no-op while p ~ 1/C; docs/training_methods.md). Rows that isolate "
+        "title": "OSM + CAA weighted contrastive (official solver): batch "
+        "56 = 8 x 7, SGD momentum 0.9, official solver lr / wd / x0.5 "
+        "steps; the classification head only supplies CAA's true-class "
+        "probabilities (classification_loss_weight 0: no CE gradient, so CAA "
+        "is close to a no-op while p ~ 1/C; docs/training_methods.md). Rows "
+        "that isolate "
         "each part (CJK): osm_caa_osm_alone_cjk.yaml (OSM alone), "
         "osm_caa_ce_cjk.yaml (+ CE head, weight 1), osm_caa_gce_cjk.yaml (+ "
         "official Gaussian-weighted CE, weight 1)",
@@ -363,7 +364,7 @@ METHODS = {
     "osm_caa_osm_alone": {
         "label": "osm_caa_osm_alone_cjk",
         "datasets": ("cjk",),
-        "title": "OSM alone (seeds.md 3; quality audit 4: the best row "
+        "title": "OSM alone (the best row "
         "measured): the weighted contrastive loss with online soft mining, no "
         "class-aware attention, no classification head; otherwise as "
         "osm_caa_cjk.yaml",
@@ -376,7 +377,7 @@ METHODS = {
         "datasets": ("cjk",),
         "title": "OSM + CAA + a classification head trained with plain sparse "
         "CE, weight 1 (the former osm_caa row: the CE's backbone gradient is "
-        "5-6x the OSM loss's at init, quality audit 4); otherwise as "
+        "5-6x the OSM loss's at init, measured here); otherwise as "
         "osm_caa_cjk.yaml",
         "recipe": "osm",
         "loss": {**_OSM, "use_caa": True},
@@ -391,8 +392,8 @@ METHODS = {
         "datasets": ("cjk",),
         "title": "OSM + CAA + the official Gaussian-weighted CE on the "
         "classification head (WeightedSoftmaxWithLoss: sample weights N(p; "
-        "0.5, 0.18) of the true-class probability, L1-normalised; seeds.md "
-        "3.3), weight 1 as the official prototxt; otherwise as "
+        "0.5, 0.18) of the true-class probability, L1-normalised"
+        "), weight 1 as the official prototxt; otherwise as "
         "osm_caa_cjk.yaml",
         "recipe": "osm",
         "loss": {**_OSM, "use_caa": True},
@@ -414,7 +415,7 @@ METHODS = {
     "mmsi_ms_finetune": {
         "label": "mmsi_ms_finetune_cjk",
         "datasets": ("cjk",),
-        "title": "MMSI + MS in its regime (seeds.md 1.5, quality audit 2.4): "
+        "title": "MMSI + MS in its regime (official code settings): "
         + _FINETUNE,
         "recipe": "finetune",
         "loss": _MMSI_MS,

@@ -48,6 +48,7 @@ broken by the lower gallery index (brute force).
 """
 
 import os
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -553,12 +554,19 @@ def default_ids(n, labels=None):
     return np.array([f"{i}/{labels[i]}" for i in range(n)])
 
 
+_RENAMED = {
+    "database": "gallery",
+    "database_labels": "gallery_labels",
+    "database_ids": "gallery_ids",
+}
+
+
 def export_saved_model(
     encoder,
     out_dir,
-    database=None,
-    database_labels=None,
-    database_ids=None,
+    gallery=None,
+    gallery_labels=None,
+    gallery_ids=None,
     gallery_images=None,
     index="brute_force",
     name="tfdml",
@@ -567,6 +575,7 @@ def export_saved_model(
     batch_size=128,
     scann_options=None,
     threshold=None,
+    **renamed,
 ):
     """Writes ``out_dir/<name>/<version>/`` (and ``<name>_scann`` for both).
 
@@ -574,12 +583,15 @@ def export_saved_model(
       encoder: functional Keras model, float32 images [None, H, W, C] in
         [0, 1] -> dict with ``"embeddings"``.
       out_dir: TF-Serving model base folder.
-      database: ``[N, d]`` gallery embeddings (already embedded with
+      gallery: ``[N, d]`` gallery embeddings (already embedded with
         ``encoder``), or None to embed ``gallery_images``.
-      database_labels: optional ``[N]`` labels, used for the default ids.
-      database_ids: optional ``[N]`` string ids.
+      gallery_labels: optional ``[N]`` labels, used for the default ids.
+      gallery_ids: optional ``[N]`` string ids.
       gallery_images: ``[N, H, W, C]`` float32 in [0, 1] or uint8 0..255
-        (if no database), converted with :func:`images_to_float`.
+        (if no ``gallery`` embeddings), converted with
+        :func:`images_to_float`.
+      **renamed: the old names ``database``, ``database_labels`` and
+        ``database_ids`` (same meaning; ``DeprecationWarning``).
       index: ``"brute_force"``, ``"scann"`` or ``"both"``.
       name: model name (``<name>_scann`` for the ScaNN variant of "both").
       version: integer version folder.
@@ -595,11 +607,35 @@ def export_saved_model(
 
     Raises:
       ValueError: before anything is embedded or written, for a bad
-        gallery (see :func:`validate_gallery`), ``database`` embeddings
+        gallery (see :func:`validate_gallery`), ``gallery`` embeddings
         that are empty, not finite or not the encoder's size, labels or
         ids that are not one per item, or a bad ``index`` / ``version`` /
         ``k`` / ``threshold``.
     """
+    # Internally (and in the messages when the old names were given) the
+    # gallery keeps the names the caller used.
+    names = dict(zip(_RENAMED, _RENAMED.values()))
+    given = {"gallery": gallery, "gallery_labels": gallery_labels}
+    given["gallery_ids"] = gallery_ids
+    for old, value in renamed.items():
+        new = _RENAMED.get(old)
+        if new is None:
+            raise TypeError(
+                f"export_saved_model() got an unexpected keyword argument "
+                f"{old!r}."
+            )
+        if given[new] is not None:
+            raise ValueError(f"Give `{new}` or `{old}` (deprecated), not both.")
+        warnings.warn(
+            f"export_saved_model({old}=...) is deprecated; use {new}=.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        given[new] = value
+        names[old] = old
+    database = given["gallery"]
+    database_labels = given["gallery_labels"]
+    database_ids = given["gallery_ids"]
     threshold = check_threshold(threshold)
     index = _ALIASES.get(index, index)
     if index not in INDEX_CHOICES:
@@ -612,19 +648,25 @@ def export_saved_model(
     h, w, c = _encoder_geometry(encoder)
     if database is None:
         if gallery_images is None:
-            raise ValueError("Give `database` or `gallery_images`.")
+            raise ValueError(
+                f"Give `{names['database']}` (embeddings) or `gallery_images`."
+            )
         gallery_images = images_to_float(
             gallery_images, h, w, c, name="`gallery_images`"
         )
         n = len(gallery_images)
     else:
-        database = _check_database(database, _embedding_dim(encoder))
+        database = _check_database(
+            database, _embedding_dim(encoder), name=names["database"]
+        )
         n = len(database)
     if database_labels is not None:
-        database_labels = _check_labels(database_labels, n)
+        database_labels = _check_labels(
+            database_labels, n, name=names["database_labels"]
+        )
     ids = database_ids
     if ids is not None:
-        ids = _check_ids(ids, n)
+        ids = _check_ids(ids, n, name=names["database_ids"])
     if not 1 <= int(k) <= n:
         raise ValueError(f"`k` must be in [1, {n}]; received {k}.")
     if database is None:

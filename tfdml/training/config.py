@@ -364,7 +364,12 @@ SCHEMA = {
             "always added. 'map' and 'mrr' need every relevant item's rank "
             "(a slower path)",
         ),
-        "index": Field(str, "bruteforce", _choice("bruteforce", "scann")),
+        "index": Field(
+            str,
+            "brute_force",
+            _choice("brute_force", "scann", "bruteforce"),
+            doc="'bruteforce' is the old spelling of 'brute_force'",
+        ),
         "batch_size": Field(int, 128, _ge(1)),
         "plots": Field(bool, True),
         "recalibrate_bn": Field(
@@ -386,7 +391,11 @@ SCHEMA = {
         "enabled": Field(bool, False, doc="write RUN_DIR/export at the end"),
         "dir": Field(str, None, nullable=True, doc="default RUN_DIR/export"),
         "index": Field(
-            str, "bruteforce", _choice("bruteforce", "scann", "both")
+            str,
+            "brute_force",
+            _choice("brute_force", "scann", "both", "bruteforce"),
+            doc="as export/export.py --index; 'bruteforce' is the old "
+            "spelling of 'brute_force'",
         ),
         "threshold": Field(
             float,

@@ -163,8 +163,8 @@ def export_encoder(cfg, run_dir, encoder, db_emb, db_labels, threshold=None):
     written = export_lib.export_saved_model(
         encoder,
         out,
-        database=db_emb,
-        database_labels=db_labels,
+        gallery=db_emb,
+        gallery_labels=db_labels,
         index="brute_force" if index == "bruteforce" else index,
         threshold=threshold,
     )
@@ -282,8 +282,8 @@ def export_run(
         encoder,
         out,
         gallery_images=images,
-        database_labels=y,
-        database_ids=ids,
+        gallery_labels=y,
+        gallery_ids=ids,
         index=index,
         name=name,
         version=version,
