@@ -394,3 +394,15 @@ def test_config_round_trip(name):
     again = L.ProxyWeights.from_config(layer.get_config())
     again.build()
     assert again.proxies.shape == layer.proxies.shape
+
+
+def test_seeded_proxies_do_not_depend_on_when_the_loss_was_made():
+    # train.py configures the loss before it seeds the run: the proxies
+    # must be drawn when they are created.
+    first = L.ProxyAnchorLoss(num_classes=C)
+    second = L.ProxyAnchorLoss(num_classes=C)
+    keras.utils.set_random_seed(3)
+    first.build(embedding_dim=D)
+    keras.utils.set_random_seed(3)
+    second.build(embedding_dim=D)
+    np.testing.assert_array_equal(first.proxies.numpy(), second.proxies.numpy())

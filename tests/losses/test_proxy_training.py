@@ -304,3 +304,76 @@ def test_mirrored_two_replicas_equal_one_device(tmp_path):
     np.testing.assert_allclose(got["loss"][1], got["loss"][0], rtol=1e-5)
     # training moved the proxies: the comparison is not of initial values
     assert np.abs(single[-1] - single[0]).max() > 1e-2
+
+
+def _train_cmd(run_dir):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config",
+        SMOKE,
+        *sum(
+            (
+                ["--set", o]
+                for o in (
+                    f"train.run_dir={run_dir}",
+                    "train.epochs=3",
+                    "train.steps_per_epoch=20",
+                    "train.deterministic=true",
+                    "train.verbose=0",
+                    "eval.plots=false",
+                    "loss.name=ProxyAnchorLoss",
+                    "optimizer.proxy_lr_multiplier=100",
+                )
+            ),
+            [],
+        ),
+    ]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+    """The proxies and the proxy optimizer's state come back on resume:
+    the resumed run ends with the uninterrupted run's weights."""
+    import csv
+    import signal
+    import time
+
+    from tfdml.training import run_dir as run_dir_lib
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    a, b = tmp_path / "a", tmp_path / "b"
+    done = subprocess.run(
+        _train_cmd(a), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(
+        _train_cmd(b),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_file = b / run_dir_lib.CHECKPOINT_DIR / run_dir_lib.STATE_FILE
+    deadline = time.time() + 600
+    while not state_file.exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = run_dir_lib.read_state(str(b))
+    assert killed_at is not None and 1 <= killed_at["epoch"] < 3
+    again = subprocess.run(
+        _train_cmd(b), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"after epoch {killed_at['epoch']}" in again.stdout
+
+    def history(run):
+        with open(run / "history.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    assert history(a) == history(b)
+    wa = keras.saving.load_model(a / "final_encoder.keras", compile=False)
+    wb = keras.saving.load_model(b / "final_encoder.keras", compile=False)
+    for x, y in zip(wa.get_weights(), wb.get_weights()):
+        np.testing.assert_array_equal(x, y)

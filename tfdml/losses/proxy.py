@@ -208,12 +208,18 @@ class ProxyLoss(keras.losses.Loss):
                     f"{type(self).__name__} needs `{key}` to create its "
                     f"proxies; received {key}=None."
                 )
+        # A fresh initializer: an unseeded one draws its seed now (after
+        # keras.utils.set_random_seed in a run), not when the loss was
+        # configured, so that seeded runs start from the same proxies.
+        initializer = keras.initializers.get(
+            keras.initializers.serialize(self.initializer)
+        )
         with tf.init_scope():
             layer = ProxyWeights(
                 self.num_classes,
                 self.embedding_dim,
                 proxies_per_class=self.proxies_per_class,
-                initializer=self.initializer,
+                initializer=initializer,
                 name=f"{self.name}_proxies",
             )
             layer.build()
