@@ -377,3 +377,16 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
     wb = keras.saving.load_model(b / "final_encoder.keras", compile=False)
     for x, y in zip(wa.get_weights(), wb.get_weights()):
         np.testing.assert_array_equal(x, y)
+
+
+def test_keras_file_keeps_the_proxies(tmp_path):
+    model = model_with(L.ArcFaceLoss(num_classes=C))
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.loss, L.ArcFaceLoss)
+    np.testing.assert_array_equal(
+        loaded.loss.proxies.numpy(), model.loss.proxies.numpy()
+    )
