@@ -390,3 +390,18 @@ def test_keras_file_keeps_the_proxies(tmp_path):
     np.testing.assert_array_equal(
         loaded.loss.proxies.numpy(), model.loss.proxies.numpy()
     )
+
+
+@pytest.mark.parametrize("name", ["ProxyAnchorLoss", "SubCenterArcFaceLoss"])
+def test_fit_under_xla_with_a_proxy_optimizer(name):
+    model = model_with(
+        {"name": name, "num_classes": C},
+        proxy_optimizer=keras.optimizers.Adam(0.1),
+        jit_compile=True,
+    )
+    assert model.jit_compile
+    before = model.loss.proxies.numpy().copy()
+    x, y = data()
+    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert np.all(np.isfinite(hist.history["loss"]))
+    assert not np.allclose(model.loss.proxies.numpy(), before)
