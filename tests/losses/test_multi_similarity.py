@@ -203,4 +203,5 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="embeddings"):
         loss(np.zeros(4, np.int32), np.zeros((4, 2, 2), np.float32))
     with pytest.raises(ValueError, match="labels"):
-        loss(np.zeros((4, 3), np.int32), np.zeros((4, 2), np.float32))
+        # Rank 3 (rank 2 [B, C] is multi-hot: tests/losses/test_multilabel.py).
+        loss(np.zeros((4, 3, 1), np.int32), np.zeros((4, 2), np.float32))
