@@ -24,6 +24,7 @@ from tfdml.augment import neighbor_correction
 from tfdml.augment import official_lambda
 from tfdml.losses import MultiSimilarityLoss
 from tfdml.losses import PairLoss
+from tfdml.losses import References
 from tfdml.memory import CrossBatchMemory
 from tfdml.models import DMLModel
 
@@ -376,10 +377,12 @@ def test_lambda_zero_gives_duplicates_and_ms_on_duplicated_set():
     got = MultiSimilarityLoss().per_anchor(
         emb.astype(np.float32),
         y,
-        np.concatenate([emb, s_emb.numpy()]).astype(np.float32),
-        np.concatenate([y, s_lab.numpy()]),
+        References(
+            np.concatenate([emb, s_emb.numpy()]).astype(np.float32),
+            np.concatenate([y, s_lab.numpy()]),
+            np.concatenate([ids, s_ids.numpy()]),
+        ),
         ids,
-        np.concatenate([ids, s_ids.numpy()]),
     )
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     # The same through DMLModel's train step (ids start at 0).
@@ -527,7 +530,7 @@ def test_other_losses_on_synthetic_rows_equal_explicit_references(name):
     ids = np.arange(12)
     ref = np.concatenate([emb, emb, emb]).astype("f")
     want = loss.per_anchor(
-        emb, y, ref, np.tile(y, 3), ids, np.tile(ids, 3)
+        emb, y, References(ref, np.tile(y, 3), np.tile(ids, 3)), ids
     ).numpy()
     logs = model.train_on_batch(x, y, return_dict=True)
     np.testing.assert_allclose(logs["loss"], want.mean(), rtol=1e-5)

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from tests.conftest import edge_batches
 from tests.conftest import make_batch
+from tfdml.losses import References
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -50,9 +51,9 @@ def check_reference_set(loss, ref_fn):
         loss,
         emb,
         labels,
-        ref_embeddings=tf.constant(ref),
-        ref_labels=tf.constant(ref_labels),
-        ref_valid=tf.constant(valid),
+        refs=References(
+            tf.constant(ref), tf.constant(ref_labels), valid=tf.constant(valid)
+        ),
     )
     want = ref_fn(emb, labels, ref, ref_labels, ref_valid=valid)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -63,10 +64,10 @@ def check_reference_set(loss, ref_fn):
         loss,
         emb,
         labels,
-        ref_embeddings=tf.constant(emb),
-        ref_labels=tf.constant(labels),
+        refs=References(
+            tf.constant(emb), tf.constant(labels), tf.constant(ids)
+        ),
         ids=tf.constant(ids),
-        ref_ids=tf.constant(ids),
     )
     np.testing.assert_allclose(
         got_ids, ref_fn(emb, labels), rtol=RTOL, atol=ATOL
@@ -103,9 +104,11 @@ def check_no_pairs_zero_finite_grad(loss):
         per = loss.per_anchor(
             x,
             tf.constant(labels),
-            ref_embeddings=tf.constant(ref),
-            ref_labels=tf.constant(ref_labels),
-            ref_valid=tf.zeros([len(ref_labels)], tf.bool),
+            References(
+                tf.constant(ref),
+                tf.constant(ref_labels),
+                valid=tf.zeros([len(ref_labels)], tf.bool),
+            ),
         )
         value = tf.reduce_sum(per)
     np.testing.assert_array_equal(per.numpy(), 0.0)
@@ -126,9 +129,7 @@ def check_xla_matches_eager(loss):
     def fn(e, y, r, ry, v):
         with tf.GradientTape() as tape:
             tape.watch(e)
-            per = loss.per_anchor(
-                e, y, ref_embeddings=r, ref_labels=ry, ref_valid=v
-            )
+            per = loss.per_anchor(e, y, References(r, ry, valid=v))
             total = tf.reduce_mean(per) + tf.reduce_mean(loss.per_anchor(e, y))
         return total, tape.gradient(total, e)
 

@@ -18,6 +18,7 @@ import tfdml.losses  # noqa: F401  (registers the losses)
 import tfdml.meta  # noqa: F401  (registers the MMSI losses)
 from tests.conftest import make_batch
 from tfdml import registry
+from tfdml.losses import References
 from tfdml.losses.base import PairLoss
 
 LOSSES = sorted(registry.registered(PairLoss))
@@ -114,9 +115,7 @@ def test_label_length_must_match_the_batch(name, mode):
         with pytest.raises(ValueError, match="`labels` has 15 .* 16 emb"):
             loss.per_anchor(emb, labels[:15])
         with pytest.raises(ValueError, match="`ref_labels` has 3 .* 16 emb"):
-            loss.per_anchor(
-                emb, labels, ref_embeddings=emb, ref_labels=labels[:3]
-            )
+            loss.per_anchor(emb, labels, References(emb, labels[:3]))
 
 
 @pytest.mark.parametrize("name", LOSSES)

@@ -12,6 +12,7 @@ from tests.conftest import make_batch
 from tfdml import ops
 from tfdml.losses import BinomialDevianceLoss
 from tfdml.losses import CircleLoss
+from tfdml.losses import References
 from tfdml.losses import circle
 
 RTOL = 1e-5
@@ -86,8 +87,9 @@ def test_circle_matches_keras_core(name, margin, gamma):
 def test_reference_set_of_another_size():
     emb, labels = make_batch(0, classes=3, per_class=3)
     bank, bank_labels = make_batch(6, classes=4, per_class=5)
-    got_b = BinomialDevianceLoss().per_anchor(emb, labels, bank, bank_labels)
-    got_c = CircleLoss().per_anchor(emb, labels, bank, bank_labels)
+    refs = References(bank, bank_labels)
+    got_b = BinomialDevianceLoss().per_anchor(emb, labels, refs)
+    got_c = CircleLoss().per_anchor(emb, labels, refs)
     np.testing.assert_allclose(
         got_b.numpy(),
         refw.binomial_deviance(emb, labels, bank, bank_labels),

@@ -11,6 +11,7 @@ from tests import reference
 from tests.conftest import edge_batches
 from tests.losses import pair_loss_checks as checks
 from tfdml.losses import ContrastiveLoss
+from tfdml.losses import References
 from tfdml.mining import HardestMiner
 
 CASES = {
@@ -193,7 +194,7 @@ def test_pair_weights_multiply_pair_losses():
 # -- the fused path (XLA forward + matmul-only custom gradient) -------------
 
 
-def _value_and_grad(loss, emb, labels, ref=None, **kwargs):
+def _value_and_grad(loss, emb, labels, ref=None, ref_labels=None, valid=None):
     e = tf.constant(emb)
     r = None if ref is None else tf.constant(ref)
     weights = tf.constant(np.linspace(0.5, 2.0, len(labels)), tf.float32)
@@ -201,7 +202,8 @@ def _value_and_grad(loss, emb, labels, ref=None, **kwargs):
         tape.watch(e)
         if r is not None:
             tape.watch(r)
-        per = loss.per_anchor(e, labels, ref_embeddings=r, **kwargs)
+        refs = None if r is None else References(r, ref_labels, valid=valid)
+        per = loss.per_anchor(e, labels, refs)
         # Non-uniform upstream gradients: the row scaling of the backward
         # pass must be the anchor's own.
         total = tf.reduce_sum(per * weights)
@@ -230,7 +232,7 @@ def test_fused_path_matches_generic_with_reference_set(case):
     ref, ref_labels, valid = checks.reference_set(dim=emb.shape[1])
     ref[0] = emb[0]  # a duplicate of an anchor among the references
     ref_labels[0] = labels[0]
-    kwargs = dict(ref_labels=ref_labels, ref_valid=valid)
+    kwargs = dict(ref_labels=ref_labels, valid=valid)
     fused = _value_and_grad(build(case)[0], emb, labels, ref, **kwargs)
     generic = _value_and_grad(_generic(case), emb, labels, ref, **kwargs)
     for a, b in zip(fused, generic):

@@ -14,6 +14,7 @@ from tfdml.losses import ContrastiveLoss
 from tfdml.losses import GeneralPairWeightingLoss as GPW
 from tfdml.losses import LiftedStructureLoss
 from tfdml.losses import MultiSimilarityLoss
+from tfdml.losses import References
 from tfdml.mining import MultiSimilarityMiner
 from tfdml.weighting import BinomialWeighting
 from tfdml.weighting import ConstantWeighting
@@ -128,14 +129,16 @@ def test_binomial_value_matches_reference_on_another_reference_set():
     lists = ref.pos_neg_lists(labels, bank_labels)
     wp, wn = refw.binomial_weights(sim, lists)
     want = refw.gpw_value(sim, wp, wn)
-    got = GPW.binomial().per_anchor(emb, labels, bank, bank_labels)
+    got = GPW.binomial().per_anchor(emb, labels, References(bank, bank_labels))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     # and the gradient identity on that reference set
     x = tf.Variable(emb)
     grads = []
     for loss in (GPW.binomial(), BinomialDevianceLoss()):
         with tf.GradientTape() as tape:
-            t = tf.reduce_mean(loss.per_anchor(x, labels, bank, bank_labels))
+            t = tf.reduce_mean(
+                loss.per_anchor(x, labels, References(bank, bank_labels))
+            )
         grads.append(tape.gradient(t, x).numpy())
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 

@@ -10,6 +10,7 @@ from tests import reference_weighting as refw
 from tests.conftest import edge_batches
 from tests.conftest import make_batch
 from tfdml.losses import MultiSimilarityLoss
+from tfdml.losses import References
 
 RTOL = 1e-5
 
@@ -70,7 +71,7 @@ def test_reference_set_of_another_size():
     bank_labels[0] = labels[0]
     loss = MultiSimilarityLoss(epsilon=0.2)
     got = loss.per_anchor(
-        emb, labels, bank, bank_labels, ids=ids, ref_ids=bank_ids
+        emb, labels, References(bank, bank_labels, bank_ids), ids
     ).numpy()
     want = ref.multi_similarity(
         emb, labels, bank, bank_labels, ids, bank_ids, epsilon=0.2

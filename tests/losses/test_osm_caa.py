@@ -9,6 +9,7 @@ from tests import reference_weighting as refw
 from tests.conftest import edge_batches
 from tests.conftest import make_batch
 from tfdml import ops
+from tfdml.losses import References
 from tfdml.losses import WeightedContrastiveLoss
 from tfdml.losses import weighted_contrastive
 
@@ -185,7 +186,7 @@ def test_reference_set_of_another_size():
     p, q = probs_for(9, 0), probs_for(12, 1)
     loss = WeightedContrastiveLoss(official_code=True)
     per = loss.per_anchor(
-        emb, labels, bank, bank_labels, probs=p, ref_probs=q
+        emb, labels, References(bank, bank_labels), probs=p, ref_probs=q
     ).numpy()
     # every (anchor, reference) pair listed once
     a = refw.gaussian_pdf(p.astype(np.float64), 1.0, 0.68)
@@ -205,7 +206,7 @@ def test_reference_set_of_another_size():
         want[i] += 9 * c / len(rows)
     np.testing.assert_allclose(per, want, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="ref_probs"):
-        loss.per_anchor(emb, labels, bank, bank_labels, probs=p)
+        loss.per_anchor(emb, labels, References(bank, bank_labels), probs=p)
 
 
 @pytest.mark.parametrize("official_code", [False, True])
@@ -218,16 +219,18 @@ def test_dml_model_style_references(official_code):
     loss = WeightedContrastiveLoss(official_code=official_code)
     alone = loss.per_anchor(emb, labels, probs=p).numpy()
     same = loss.per_anchor(
-        emb, labels, emb, labels, ids, ids, probs=p, ref_probs=p
+        emb, labels, References(emb, labels, ids), ids, probs=p, ref_probs=p
     ).numpy()
     np.testing.assert_allclose(same, alone, rtol=1e-5, atol=1e-8)
     both = loss.per_anchor(
         emb,
         labels,
-        np.concatenate([emb, bank]),
-        np.concatenate([labels, bank_labels]),
+        References(
+            np.concatenate([emb, bank]),
+            np.concatenate([labels, bank_labels]),
+            np.concatenate([ids, 100 + np.arange(12)]),
+        ),
         ids,
-        np.concatenate([ids, 100 + np.arange(12)]),
         probs=p,
         ref_probs=np.concatenate([p, q]),
     ).numpy()

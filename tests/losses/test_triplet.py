@@ -10,6 +10,7 @@ from tests import reference
 from tests.conftest import edge_batches
 from tests.conftest import make_batch
 from tests.losses import pair_loss_checks as checks
+from tfdml.losses import References
 from tfdml.losses import TripletMarginLoss
 
 CASES = {
@@ -134,7 +135,7 @@ def test_all_triplets_memory_is_documented_shape():
     emb, labels = make_batch(0)
     ref = np.tile(emb, (8, 1))
     out = TripletMarginLoss().per_anchor(
-        emb, labels, ref_embeddings=ref, ref_labels=np.tile(labels, 8)
+        emb, labels, References(ref, np.tile(labels, 8))
     )
     assert out.shape == (len(labels),)
 

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests import reference
 from tfdml.losses import MultiSimilarityLoss
+from tfdml.losses import References
 from tfdml.memory import CrossBatchMemory
 
 
@@ -212,11 +213,13 @@ def test_loss_with_memory_equals_loss_on_concatenation(fill_steps):
     got = loss.per_anchor(
         emb,
         labels_pool,
-        np.concatenate([emb, m_emb]),
-        np.concatenate([labels_pool, m_lab]),
+        References(
+            np.concatenate([emb, m_emb]),
+            np.concatenate([labels_pool, m_lab]),
+            np.concatenate([ids, m_ids]),
+            np.concatenate([np.ones(batch, bool), m_valid]),
+        ),
         ids,
-        np.concatenate([ids, m_ids]),
-        np.concatenate([np.ones(batch, bool), m_valid]),
     ).numpy()
     keep = m_valid
     ref = np.concatenate([emb, m_emb[keep]])
@@ -227,7 +230,7 @@ def test_loss_with_memory_equals_loss_on_concatenation(fill_steps):
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     plain = loss.per_anchor(
-        emb, labels_pool, ref, ref_labels, ids, ref_ids
+        emb, labels_pool, References(ref, ref_labels, ref_ids), ids
     ).numpy()
     np.testing.assert_allclose(got, plain, rtol=1e-6, atol=1e-7)
     if fill_steps:
@@ -325,10 +328,12 @@ def xbm_loss(memory, loss, emb, labels, ids):
         emb,
         labels,
         ids,
-        tf.concat([emb, m_emb], 0),
-        tf.concat([labels, m_lab], 0),
-        tf.concat([ids, m_ids], 0),
-        tf.concat([tf.ones([8], tf.bool), m_valid], 0),
+        References(
+            tf.concat([emb, m_emb], 0),
+            tf.concat([labels, m_lab], 0),
+            tf.concat([ids, m_ids], 0),
+            tf.concat([tf.ones([8], tf.bool), m_valid], 0),
+        ),
     )
 
 

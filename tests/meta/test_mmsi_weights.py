@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfdml.losses import References
 from tfdml.meta import MMSIContrastiveLoss
 from tfdml.meta import MMSIMultiSimilarityLoss
 from tfdml.meta import MMSITripletLoss
@@ -209,7 +210,7 @@ def test_g_form_matches_numpy_with_finite_gradients(name):
     e = tf.constant(emb)
     with tf.GradientTape() as tape:
         tape.watch(e)
-        got = base.per_anchor(e, y, ref, rl)
+        got = base.per_anchor(e, y, References(ref, rl))
         total = tf.reduce_sum(got)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
     grad = tape.gradient(total, e).numpy()
@@ -217,7 +218,9 @@ def test_g_form_matches_numpy_with_finite_gradients(name):
     # No valid pair at all -> 0 with a finite gradient.
     with tf.GradientTape() as tape:
         tape.watch(e)
-        none = base.per_anchor(e, y, ref, rl, ref_valid=np.zeros(7, bool))
+        none = base.per_anchor(
+            e, y, References(ref, rl, valid=np.zeros(7, bool))
+        )
         total = tf.reduce_sum(none)
     np.testing.assert_array_equal(none.numpy(), 0.0)
     grad = tape.gradient(total, e, unconnected_gradients="zero")
