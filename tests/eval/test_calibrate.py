@@ -244,3 +244,13 @@ def test_f1_tie_goes_to_the_highest_threshold():
     assert res.threshold == pytest.approx(0.9)
     assert (res.precision, res.recall) == (1.0, 0.5)
     _check(res, _sweep(*_brute_pairs(q, np.array([0]), refs, labels)))
+
+
+def test_nearest_needs_a_reference_other_than_the_query_itself():
+    # One item against itself has no nearest match: both entry points say
+    # so (precision_recall_at used to score the excluded self pair).
+    x = np.ones((1, 4), np.float32)
+    with pytest.raises(ValueError, match="at least one reference"):
+        calibrate(x, [0], mode="nearest")
+    with pytest.raises(ValueError, match="at least one reference"):
+        precision_recall_at(0.5, x, [0], mode="nearest")

@@ -159,6 +159,27 @@ def _nearest_scores(q, ql, r, rl, self_idx, block):
     return scores, rel
 
 
+def _scores(q, ql, r, rl, mode, max_pairs, seed, block):
+    """``(scores, relevant, sampled)`` of the calibration predictions:
+    every (or a sample of the) query-reference pair (``"pairs"``) or each
+    query's nearest reference (``"nearest"``), in float64."""
+    own = r is None
+    q, ql, r, rl, self_idx = _prepare(
+        q, ql, r, rl, exclude_self=None, normalize=False
+    )
+    q, r = _unit64(q), _unit64(r)
+    _check_flat_labels(ql, rl)
+    if mode == "pairs":
+        return _pair_scores(q, ql, r, rl, own, max_pairs, seed, block)
+    if len(r) - (1 if own else 0) < 1:
+        raise ValueError(
+            "`mode='nearest'` needs at least one reference per query; "
+            f"received {len(r)} references."
+        )
+    scores, rel = _nearest_scores(q, ql, r, rl, self_idx, block)
+    return scores, rel, False
+
+
 def calibrate(
     query_embeddings,
     query_labels,
@@ -230,29 +251,16 @@ def calibrate(
             raise ValueError(
                 f"`{name}` must be an integer >= 1; received {v!r}."
             )
-    q, ql, r, rl, self_idx = _prepare(
+    scores, rel, sampled = _scores(
         query_embeddings,
         query_labels,
         ref_embeddings,
         ref_labels,
-        exclude_self=None,
-        normalize=False,
+        mode,
+        int(max_pairs),
+        seed,
+        int(block_size),
     )
-    q, r = _unit64(q), _unit64(r)
-    _check_flat_labels(ql, rl)
-    own = ref_embeddings is None
-    if mode == "pairs":
-        scores, rel, sampled = _pair_scores(
-            q, ql, r, rl, own, int(max_pairs), seed, int(block_size)
-        )
-    else:
-        if len(r) - (1 if ref_embeddings is None else 0) < 1:
-            raise ValueError(
-                "`mode='nearest'` needs at least one reference per query; "
-                f"received {len(r)} references."
-            )
-        scores, rel = _nearest_scores(q, ql, r, rl, self_idx, int(block_size))
-        sampled = False
     npos = int(rel.sum())
     if npos == 0 or npos == len(rel):
         what = "relevant (same-label)" if npos == 0 else "irrelevant"
@@ -313,23 +321,16 @@ def precision_recall_at(
         raise ValueError(f"`threshold` must be finite; received {threshold!r}.")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
-    q, ql, r, rl, self_idx = _prepare(
+    scores, rel, _ = _scores(
         query_embeddings,
         query_labels,
         ref_embeddings,
         ref_labels,
-        exclude_self=None,
-        normalize=False,
+        mode,
+        int(max_pairs),
+        seed,
+        int(block_size),
     )
-    q, r = _unit64(q), _unit64(r)
-    _check_flat_labels(ql, rl)
-    own = ref_embeddings is None
-    if mode == "pairs":
-        scores, rel, _ = _pair_scores(
-            q, ql, r, rl, own, int(max_pairs), seed, int(block_size)
-        )
-    else:
-        scores, rel = _nearest_scores(q, ql, r, rl, self_idx, int(block_size))
     pred = scores >= t
     tp = int((pred & rel).sum())
     p = tp / pred.sum() if pred.any() else float("nan")
