@@ -30,6 +30,14 @@ def reference(
         query_ids = np.arange(len(q)) if exclude_self else np.full(len(q), -1)
     if own:
         r, rl = q, ql
+    relevant = np.asarray(rl)[None, :] == np.asarray(ql)[:, None]
+    return brute_force(q, r, relevant, query_ids, ks, normalize)
+
+
+def brute_force(q, r, relevant, query_ids, ks=(1, 2, 4, 8), normalize=True):
+    """``relevant[i, j]``: reference j is relevant to query i. Query i's own
+    reference ``query_ids[i]`` (-1: none) is left out of the ranking. Order:
+    (score desc, reference index asc)."""
     q = np.asarray(q, np.float64)
     r = np.asarray(r, np.float64)
     if normalize:
@@ -43,8 +51,8 @@ def reference(
         s = r @ q[i]
         cand = [j for j in range(len(r)) if j != query_ids[i]]
         cand.sort(key=lambda j: (-s[j], j))
-        rel = np.array([rl[j] == ql[i] for j in cand], bool)
-        big_r = rel.sum()
+        rel = np.array([bool(relevant[i, j]) for j in cand], bool)
+        big_r = int(rel.sum())
         if big_r == 0:
             excluded += 1
             continue

@@ -5,45 +5,10 @@ float64 full-sort brute force."""
 import numpy as np
 import pytest
 
+from tests.eval.test_metrics import brute_force
 from tfdml.eval import retrieval_metrics
 
 ALL = ("precision@1", "r_precision", "map@r", "map", "mrr")
-
-
-def brute_force(q, r, relevant, query_ids, ks=(1, 2, 4, 8), normalize=True):
-    """``relevant[i, j]``: reference j is relevant to query i. Query i's own
-    reference ``query_ids[i]`` (-1: none) is left out of the ranking. Order:
-    (score desc, reference index asc)."""
-    q = np.asarray(q, np.float64)
-    r = np.asarray(r, np.float64)
-    if normalize:
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    per = {f"recall@{k}": [] for k in ks}
-    for key in ALL:
-        per[key] = []
-    excluded = 0
-    for i in range(len(q)):
-        s = r @ q[i]
-        cand = [j for j in range(len(r)) if j != query_ids[i]]
-        cand.sort(key=lambda j: (-s[j], j))
-        rel = np.array([bool(relevant[i, j]) for j in cand], bool)
-        big_r = int(rel.sum())
-        if big_r == 0:
-            excluded += 1
-            continue
-        for k in ks:
-            per[f"recall@{k}"].append(rel[:k].any())
-        per["precision@1"].append(rel[0])
-        per["r_precision"].append(rel[:big_r].sum() / big_r)
-        prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-        per["map@r"].append((prec[:big_r] * rel[:big_r]).sum() / big_r)
-        per["map"].append((prec * rel).sum() / big_r)
-        per["mrr"].append(1.0 / (np.argmax(rel) + 1))
-    out = {k: float(np.mean(v)) if v else float("nan") for k, v in per.items()}
-    out["num_queries"] = len(q) - excluded
-    out["num_excluded"] = excluded
-    return out
 
 
 def intersect(a, b):
