@@ -156,9 +156,7 @@ def check_labels(labels, embeddings, name="labels"):
         with tf.control_dependencies([check] if check is not None else []):
             labels = tf.identity(labels)
     if integral is not None:
-        check = tf.debugging.Assert(
-            integral, [message], name="integral_labels"
-        )
+        check = tf.debugging.Assert(integral, [message], name="integral_labels")
         with tf.control_dependencies([check] if check is not None else []):
             labels = tf.identity(labels)
         # XLA drops the assert: make the loss NaN instead.

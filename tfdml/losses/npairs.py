@@ -124,9 +124,7 @@ class NPairsLoss(PairLoss):
             ref_labels_c, _ = check_labels(
                 ref_labels, ref_embeddings, name="ref_labels"
             )
-        context["representative"] = first_of_each_class(
-            ref_labels_c, ref_valid
-        )
+        context["representative"] = first_of_each_class(ref_labels_c, ref_valid)
         return super().per_anchor(
             emb_c, labels_c, refs, ids, pair_weights=pair_weights, **context
         )

@@ -416,8 +416,7 @@ class DMLModel(keras.Model):
         parts_e, parts_y, parts_i = [emb], [labels], [ids]
         parts_v = [tf.ones(tf.shape(labels)[:1], dtype=tf.bool)]
         if labels.shape.rank == 2 and (
-            self.memory is not None
-            or (training and self.augmenter is not None)
+            self.memory is not None or (training and self.augmenter is not None)
         ):
             raise ValueError(
                 "multi-hot `labels` (shape "

@@ -14,8 +14,9 @@ folder described in ``docs/architecture.md``::
     best_encoder.keras   best ``val_<eval.monitor>`` on the validation classes
     final_encoder.keras  encoder at the end of training
     eval_test.json       metrics on the test classes (reported only)
-    plots/               recall_at_k.png, retrieval_grid.png, training_curves.png
-                         (+ precision_recall.png with export.target_precision)
+    plots/               recall_at_k.png, retrieval_grid.png,
+                         training_curves.png (+ precision_recall.png with
+                         export.target_precision)
 
 Resume: the same command finds ``checkpoints/state.json`` and continues at
 the next epoch. The training data of epoch ``e`` is drawn with seed

@@ -5,8 +5,8 @@ Layout (``docs/architecture.md``)::
   RUN_DIR/
     config.yaml          {"resolved": config, "objects": {...}}
     history.csv          CSVLogger
-    tb/                  TensorBoard logs (+ eval_steps/ with eval.every_n_steps,
-                         projector/ with eval.projector)
+    tb/                  TensorBoard logs (+ eval_steps/ with
+                         eval.every_n_steps, projector/ with eval.projector)
     checkpoints/         state.json + epoch-NNNNN.{index,data-*} checkpoints
     best_encoder.keras   best validation encoder
     final_encoder.keras  encoder at the end of training
