@@ -148,6 +148,50 @@ def test_export_matched_flag_uses_the_calibrated_threshold(
     )
 
 
+def test_unreachable_target_precision_warns_and_exports_without_threshold(
+    tmp_path, monkeypatch, capsys
+):
+    # Known only after training: the run must not fail (and lose its
+    # export) because the validation classes cannot reach the target.
+    import tfdml.eval
+
+    real = tfdml.eval.calibrate
+    seen = []
+
+    def constant_embeddings(emb, labels, **kw):
+        # Identical embeddings: every pair ties, so the only precision is
+        # the same-class base rate (180 / 780 = 0.2308 < 0.9).
+        seen.append(kw["target_precision"])
+        return real(np.ones_like(emb), labels, **kw)
+
+    monkeypatch.setattr(tfdml.eval, "calibrate", constant_embeddings)
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = _run(
+            run_dir,
+            "eval.plots=false",
+            "export.enabled=true",
+            "export.target_precision=0.9",
+        )
+    assert status == 0 and seen == [0.9]
+    messages = [str(w.message) for w in caught]
+    (msg,) = [m for m in messages if "target_precision=0.9" in m]
+    assert "highest precision is 0.2308" in msg and "WITHOUT" in msg
+    assert "WITHOUT a threshold" in capsys.readouterr().out
+    cal = json.loads((run_dir / "eval_test.json").read_text())["calibration"]
+    assert cal["threshold"] is None and cal["reached"] is False
+    assert cal["target_precision"] == 0.9 and cal["split"] == "val"
+    assert abs(cal["best_precision"] - 180 / 780) < 1e-9
+    assert "without a threshold" in cal["note"]
+    (path,) = glob.glob(str(run_dir / "export" / "tfdml" / "1"))
+    out = tf.saved_model.load(path).signatures["search"](
+        embeddings=tf.constant(np.eye(3, 16, dtype=np.float32)),
+        k=tf.constant(5),
+    )
+    assert set(out) == {"ids", "scores"}  # no threshold: no matched
+
+
 def test_smoke_config_is_unchanged():
     # The run above relies on smoke.yaml's 3 epochs x 4 steps.
     from tfdml.training import config as config_lib

@@ -171,6 +171,15 @@ def test_errors_name_the_argument():
     same = np.ones((6, 4), np.float32)
     with pytest.raises(ValueError, match="target_precision.*highest"):
         calibrate(same, np.array([0, 0, 0, 1, 1, 1]), target_precision=0.9)
+    # ... a ValueError subclass that carries what was reachable.
+    from tfdml.eval import PrecisionUnreachableError
+
+    with pytest.raises(PrecisionUnreachableError) as e:
+        calibrate(same, np.array([0, 0, 0, 1, 1, 1]), target_precision=0.9)
+    # 15 tied pairs, 6 same-class: one point, precision 0.4 at score 1.
+    assert e.value.target_precision == 0.9
+    assert e.value.best_precision == pytest.approx(0.4)
+    assert e.value.best_threshold == pytest.approx(1.0)
 
 
 def test_precision_recall_plot(tmp_path):

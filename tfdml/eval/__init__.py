@@ -2,6 +2,7 @@
 plots."""
 
 from tfdml.eval.calibrate import CalibrationResult  # noqa: F401
+from tfdml.eval.calibrate import PrecisionUnreachableError  # noqa: F401
 from tfdml.eval.calibrate import calibrate  # noqa: F401
 from tfdml.eval.calibrate import precision_recall_at  # noqa: F401
 from tfdml.eval.callbacks import RetrievalEvaluationCallback  # noqa: F401

@@ -37,6 +37,30 @@ METRICS = ("f1",)
 MAX_PAIRS = 4_000_000
 
 
+class PrecisionUnreachableError(ValueError):
+    """No threshold reaches :func:`calibrate`'s ``target_precision``.
+
+    A ``ValueError`` (callers that catch those keep working) with what was
+    reachable, so a caller can report it and go on without a threshold.
+
+    Attributes:
+      target_precision: the requested precision.
+      best_precision: the highest precision any threshold reaches.
+      best_threshold: the (lowest) threshold that reaches it.
+    """
+
+    def __init__(self, target_precision, best_precision, best_threshold):
+        self.target_precision = float(target_precision)
+        self.best_precision = float(best_precision)
+        self.best_threshold = float(best_threshold)
+        super().__init__(
+            f"`target_precision`={self.target_precision} is not reached at "
+            f"any threshold; the highest precision is "
+            f"{self.best_precision:.4f} (at threshold "
+            f"{self.best_threshold:.4f})."
+        )
+
+
 @dataclasses.dataclass
 class CalibrationResult:
     """The output of :func:`calibrate`.
@@ -224,7 +248,8 @@ def calibrate(
       ValueError: naming the argument, for bad shapes, dtypes or values,
         NaN / Inf embeddings, no relevant or no irrelevant prediction (a
         threshold is then meaningless), or a ``target_precision`` that no
-        threshold reaches (the message gives the highest one reached).
+        threshold reaches (:class:`PrecisionUnreachableError`, a
+        ``ValueError`` whose message gives the highest precision reached).
     """
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}; received {mode!r}.")
@@ -277,11 +302,8 @@ def calibrate(
     if target_precision is not None:
         ok = np.flatnonzero(p >= target_precision)
         if not len(ok):
-            raise ValueError(
-                f"`target_precision`={target_precision} is not reached at any "
-                f"threshold; the highest precision is {p.max():.4f} (at "
-                f"threshold {t[np.argmax(p)]:.4f})."
-            )
+            i = int(np.argmax(p))
+            raise PrecisionUnreachableError(target_precision, p[i], t[i])
         best = ok[0]  # thresholds increase: the lowest, most recall
     else:
         best = len(f) - 1 - int(np.argmax(f[::-1]))  # ties: highest t

@@ -411,7 +411,8 @@ SCHEMA = {
             lambda v: None if 0.0 < v <= 1.0 else "must be in (0, 1]",
             nullable=True,
             doc="calibrate the threshold on the validation classes for this "
-            "precision (tfdml.eval.calibrate); exclusive with threshold",
+            "precision (tfdml.eval.calibrate); exclusive with threshold; "
+            "unreachable there: a warning, export without a threshold",
         ),
         "calibration_mode": Field(
             str,

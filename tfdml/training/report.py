@@ -87,9 +87,17 @@ def calibrate_threshold(cfg, built, encoder, test_emb, test_labels):
     (:func:`tfdml.eval.calibrate`), with its precision / recall on the test
     classes. None when neither is set.
 
+    A target precision that no threshold reaches on the validation
+    classes does not fail the run (it is known only now, after training):
+    a warning names the highest precision reached, the summary has
+    ``threshold: None``, ``reached: False`` and that best precision /
+    threshold, and the export goes ahead without a threshold (no
+    ``matched`` output).
+
     Returns:
       ``{"summary": JSON-ready dict, "result": CalibrationResult or None}``.
     """
+    from tfdml.eval import PrecisionUnreachableError
     from tfdml.eval import calibrate
     from tfdml.eval import precision_recall_at
 
@@ -99,14 +107,17 @@ def calibrate_threshold(cfg, built, encoder, test_emb, test_labels):
     if ex["target_precision"] is not None:
         val_ds = built.data.eval_dataset("val", cfg["eval"]["batch_size"])
         val_emb, val_y = embed_dataset(encoder, val_ds)
-        result = calibrate(
-            val_emb,
-            val_y,
-            target_precision=ex["target_precision"],
-            mode=mode,
-            seed=seed,
-        )
-        summary = {"split": "val", **result.to_dict()}
+        try:
+            result = calibrate(
+                val_emb,
+                val_y,
+                target_precision=ex["target_precision"],
+                mode=mode,
+                seed=seed,
+            )
+        except PrecisionUnreachableError as e:
+            return _unreachable(e, mode)
+        summary = {"split": "val", "reached": True, **result.to_dict()}
     elif ex["threshold"] is not None:
         result = None
         summary = {"split": None, "threshold": ex["threshold"], "mode": mode}
@@ -116,6 +127,35 @@ def calibrate_threshold(cfg, built, encoder, test_emb, test_labels):
         summary["threshold"], test_emb, test_labels, mode=mode, seed=seed
     )
     return {"summary": plain(summary), "result": result}
+
+
+def _unreachable(err, mode):
+    """The calibration summary (and warning) of an unreachable
+    ``export.target_precision``: no threshold, export without one."""
+    import warnings
+
+    msg = (
+        f"export.target_precision={err.target_precision} is not reached on "
+        f"the validation classes ({mode}): the highest precision is "
+        f"{err.best_precision:.4f} (at threshold {err.best_threshold:.4f}). "
+        "Exporting WITHOUT a threshold (the search signatures have no "
+        "'matched'); eval_test.json records calibration.threshold = null. "
+        "Lower export.target_precision, or set export.threshold, and "
+        "re-export with export/export.py."
+    )
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    print(f"WARNING: {msg}")
+    summary = {
+        "split": "val",
+        "reached": False,
+        "threshold": None,
+        "target_precision": err.target_precision,
+        "best_precision": err.best_precision,
+        "best_threshold": err.best_threshold,
+        "mode": mode,
+        "note": "target precision not reached; exported without a threshold",
+    }
+    return {"summary": summary, "result": None}
 
 
 def _plots(cfg, run_dir, emb, x, y, report, calibration=None):
