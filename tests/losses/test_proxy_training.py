@@ -120,6 +120,40 @@ def test_proxy_optimizer_moves_proxies_at_their_own_rate():
     assert np.abs(after[-1] - before[-1]).max() > 1e-3
 
 
+def test_main_optimizer_has_no_slots_for_the_proxies():
+    # With a proxy_optimizer the main optimizer never updates the proxies,
+    # so it must not hold Adam moments for them either. Under a strategy,
+    # fit builds the model symbolically and Keras builds an unbuilt
+    # optimizer over every trainable variable (train.py built it so too).
+    n = 7  # proxies [7, 6]: no encoder variable has that shape
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        model = model_with(
+            L.ProxyAnchorLoss(num_classes=n),
+            proxy_optimizer=keras.optimizers.Adam(0.1),
+        )
+    proxies = model.loss.proxies
+    enc = model.encoder.trainable_variables
+    assert tuple(proxies.shape) == (n, D)
+    assert (n, D) not in {tuple(v.shape) for v in enc}
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    shapes = [tuple(v.shape) for v in model.optimizer.variables]
+    assert (n, D) not in shapes, shapes
+    # iterations, learning rate, then two moments per encoder variable
+    assert sorted(shapes) == sorted(
+        [(), ()] + [tuple(v.shape) for v in enc for _ in "mv"]
+    )
+    assert (n, D) in [tuple(v.shape) for v in model.proxy_optimizer.variables]
+    main = {id(v) for v in model.main_trainable_variables}
+    assert id(proxies) not in main
+    assert main == {id(v) for v in model.trainable_variables} - {id(proxies)}
+    # Without a proxy optimizer the main one updates the proxies.
+    plain = model_with(L.ProxyAnchorLoss(num_classes=n))
+    plain.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    assert (n, D) in [tuple(v.shape) for v in plain.optimizer.variables]
+    assert any(v is plain.loss.proxies for v in plain.main_trainable_variables)
+
+
 def test_compile_refuses_memory_iaa_and_a_stray_proxy_optimizer():
     from tfdml.memory import CrossBatchMemory
 
@@ -231,9 +265,9 @@ def test_train_py_run_with_the_proxy_anchor_config(tmp_path):
     shapes = dict(tf.train.list_variables(ckpt))
     n_train = build_lib.validate(load()).data.num_train_classes
     proxies = [n for n in names if shapes[n] == [n_train, 16]]
-    # the proxies, their Adam moments in the proxy optimizer and (unused)
-    # in the main optimizer (train.py builds it on every variable)
-    assert len(proxies) == 5, shapes
+    # the proxies and their two Adam moments in the proxy optimizer; none
+    # in the main optimizer (train.py builds it without the proxies)
+    assert len(proxies) == 3, shapes
 
 
 MIRRORED = textwrap.dedent(

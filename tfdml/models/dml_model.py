@@ -260,9 +260,26 @@ class DMLModel(keras.Model):
                     "`proxy_optimizer` does not combine with loss scaling "
                     "(a mixed_float16 policy); use one optimizer."
                 )
+            self.proxy_optimizer = proxy_optimizer
             with self.distribute_strategy.scope():
                 proxy_optimizer.build(loss.trainable_variables)
-            self.proxy_optimizer = proxy_optimizer
+                # Built now, over the encoder's variables only: Keras would
+                # otherwise build it over every trainable variable (when a
+                # strategy's fit builds the model symbolically), giving it
+                # unused slots (Adam moments) shaped like the proxies.
+                if self.optimizer is not None:
+                    self.optimizer.build(self.main_trainable_variables)
+
+    @property
+    def main_trainable_variables(self):
+        """The trainable variables ``optimizer`` updates: all of them, less
+        the proxy loss's proxies when a ``proxy_optimizer`` updates those
+        (build the main optimizer over these)."""
+        variables = self.trainable_variables
+        if getattr(self, "proxy_optimizer", None) is None:
+            return variables
+        proxy_ids = {id(v) for v in self.loss.trainable_variables}
+        return [v for v in variables if id(v) not in proxy_ids]
 
     def _attach_proxies(self, loss):
         """Checks that the model can train a proxy loss and tracks its
@@ -308,7 +325,7 @@ class DMLModel(keras.Model):
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if self.optimizer is not None and self.built:
-            self.optimizer.build(self.trainable_variables)
+            self.optimizer.build(self.main_trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras' version reduces a PerReplica data batch with

@@ -222,7 +222,8 @@ def _train_in(cfg, built, run_dir, mode, strategy, chief, ckpt_dir, write_dir):
             jit_compile=train["jit_compile"],
             proxy_optimizer=build_proxy_optimizer(cfg),
         )
-        model.optimizer.build(model.trainable_variables)
+        # Without the proxies when a proxy optimizer updates them.
+        model.optimizer.build(model.main_trainable_variables)
         variables = state_variables(
             model, model.optimizer, getattr(model, "proxy_optimizer", None)
         ) + [v for obj in parts.state_objects for v in state_variables(obj)]
