@@ -82,6 +82,7 @@ def test_smoke_run_writes_every_artefact(tmp_path, capsys):
     assert doc["resolved"]["optimizer"]["learning_rate"] == 2e-3
     assert doc["objects"]["loss"]["class_name"] == "MultiSimilarityLoss"
     assert "alpha" in doc["objects"]["loss"]["config"]
+    assert "proxy_optimizer" not in doc["objects"]  # a pair loss
     # One CSV row per epoch, with the validation metric used for selection.
     cfg = config_lib.load(SMOKE)
     rows = _history(run_dir)

@@ -259,6 +259,19 @@ def test_train_py_run_with_the_proxy_anchor_config(tmp_path):
     assert state["epoch"] == 2 and state["done"]
     cfg = run_dir_lib.read_config(str(run_dir))
     assert cfg["loss"]["name"] == "ProxyAnchorLoss"
+    # config.yaml describes the proxies' optimizer: the main one's class at
+    # learning_rate x proxy_lr_multiplier.
+    objects = run_dir_lib.read_document(str(run_dir))["objects"]
+    main, proxy = objects["optimizer"], objects["proxy_optimizer"]
+    assert proxy["class_name"] == main["class_name"] == "Adam"
+    assert proxy["lr_multiplier"] == 100
+    assert main["config"]["learning_rate"] == pytest.approx(1e-3)
+    assert proxy["config"]["learning_rate"] == pytest.approx(0.1)
+    assert "proxies" in proxy["updates"]
+    rest = {k for k in main["config"] if k not in ("learning_rate", "name")}
+    assert {k: proxy["config"][k] for k in rest} == {
+        k: main["config"][k] for k in rest
+    }
     # The checkpoint holds the proxies and both optimizers' slots.
     ckpt = os.path.join(run_dir, "checkpoints", state["checkpoint"])
     names = [n for n, _ in tf.train.list_variables(ckpt)]

@@ -363,6 +363,15 @@ def _write_config(cfg, built, parts, run_dir):
             "optimizer": describe(parts.model.optimizer),
         },
     }
+    proxy_optimizer = getattr(parts.model, "proxy_optimizer", None)
+    if proxy_optimizer is not None:
+        # The proxies' own optimizer (optimizer.proxy_lr_multiplier): its
+        # learning rate is the main one x the multiplier.
+        doc["objects"]["proxy_optimizer"] = {
+            **describe(proxy_optimizer),
+            "lr_multiplier": cfg["optimizer"]["proxy_lr_multiplier"],
+            "updates": "the loss's proxies (optimizer: everything else)",
+        }
     for name, obj in parts.describe.items():
         doc["objects"][name] = describe(obj)
     run_dir_lib.write_config(run_dir, doc["resolved"], doc["objects"])
