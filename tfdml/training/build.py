@@ -1,12 +1,19 @@
 """Builders: config sections -> library objects, validated before anything
 is written.
 
-:func:`validate` builds every object of a resolved config once (cheaply) and
-checks it against the data; :func:`build_model` wires the encoder, memory,
-IAA and the (MMSI) DML model. Library objects keep their defaults in their
-constructors: a section's keys outside :data:`tfdml.training.config.SCHEMA`
-are constructor keyword arguments (:func:`passthrough_kwargs`). Every error
-is a :class:`~tfdml.training.config.ConfigError` naming the key.
+One builder per config section (:data:`OBJECT_SECTIONS`, then
+:data:`DATA_SECTIONS`): each checks its own section's values, and the rules
+that tie it to the sections before it, and stores what it built on a
+:class:`Built`. :func:`validate` runs every builder once, in that order;
+:func:`validate_objects` runs the ones that read no data. The objects whose
+variables belong to the distribution strategy (encoder, memory, IAA,
+optimizers) are built afterwards, under its scope, from what the builders
+checked (:func:`build_model`, :func:`build_optimizer`).
+
+Library objects keep their defaults in their constructors: a section's keys
+outside :data:`tfdml.training.config.SCHEMA` are constructor keyword
+arguments (:func:`passthrough_kwargs`), checked by constructing the object.
+Every error is a :class:`~tfdml.training.config.ConfigError` naming the key.
 """
 
 import inspect
@@ -101,6 +108,61 @@ def build_registry_object(cfg, section, base):
         raise ConfigError(_spec_key(section, spec, str(e)), str(e)) from None
 
 
+def describe(obj):
+    """``{"class_name", "config"}`` of an object (for config.yaml)."""
+    if obj is None:
+        return None
+    try:
+        cfg = obj.get_config()
+    except Exception as e:  # noqa: BLE001 - informative only
+        cfg = {"error": f"get_config failed: {e}"}
+    return {"class_name": type(obj).__name__, "config": plain(cfg)}
+
+
+def plain(value):
+    """YAML-safe copy (objects -> their repr)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    return repr(value)
+
+
+# -- what the builders build --
+
+
+class Built:
+    """Everything built from a config before training starts, one attribute
+    per builder (:data:`OBJECT_SECTIONS`, :data:`DATA_SECTIONS`)."""
+
+    loss = None  # loss (+ miner, weighting): the loss object
+    encoder_kwargs = None  # model: build_embedding_model keyword arguments
+    memory_kwargs = None  # memory: CrossBatchMemory keyword arguments
+    meta_kwargs = None  # meta: MMSIModel keyword arguments
+    augment_kwargs = None  # augment: {"estimator", "augmenter", "refresh"}
+    data = None  # data: the Data
+    init_weights = None  # train.init_from: {variable path: array}
+    init_from_path = None  # train.init_from: the encoder file read
+
+
+# Stand-ins for the sizes that come from the encoder or the data when a
+# constructor is called only to check the config's values (a probe): the
+# memory's and IAA's variables must be created under the strategy scope, by
+# build_model, which runs after the run folder is prepared.
+_PROBE_DIM = 2
+_PROBE_CLASSES = 2
+
+
+# -- loss, miner, weighting --
+
+
 def build_loss(cfg, num_classes=None):
     """The pair loss with its miner and weighting from the config (or a
     proxy loss; ``num_classes``: its number of classes, from the data)."""
@@ -175,17 +237,14 @@ def _build_proxy_loss(cfg, spec, num_classes, miner, weight):
         raise ConfigError(_spec_key("loss", spec, str(e)), str(e)) from None
 
 
-def _validate_proxy_loss(cfg, loss):
-    """Proxy losses: no memory / IAA / MMSI; ``proxy_lr_multiplier`` only
-    with them."""
+def _loss_section(cfg, built):
+    """``loss``, ``miner`` and ``weighting``: the loss, built once (the data
+    section gives a proxy loss its number of classes). A proxy loss takes no
+    memory bank, IAA or MMSI."""
     from tfdml.losses import ProxyLoss
 
-    if not isinstance(loss, ProxyLoss):
-        if cfg["optimizer"]["proxy_lr_multiplier"] is not None:
-            raise ConfigError(
-                "optimizer.proxy_lr_multiplier",
-                f"only used by proxy losses, not {cfg['loss']['name']!r}",
-            )
+    built.loss = build_loss(cfg)
+    if not isinstance(built.loss, ProxyLoss):
         return
     for key, used in (
         ("memory.size", cfg["memory"]["size"] > 0),
@@ -200,31 +259,273 @@ def _validate_proxy_loss(cfg, loss):
             )
 
 
-def describe(obj):
-    """``{"class_name", "config"}`` of an object (for config.yaml)."""
-    if obj is None:
-        return None
-    try:
-        cfg = obj.get_config()
-    except Exception as e:  # noqa: BLE001 - informative only
-        cfg = {"error": f"get_config failed: {e}"}
-    return {"class_name": type(obj).__name__, "config": plain(cfg)}
+# -- optimizer --
 
 
-def plain(value):
-    """YAML-safe copy (objects -> their repr)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "item"):
+def _optimizer_section(cfg, built):
+    """``optimizer``: ``momentum`` only for sgd / rmsprop,
+    ``proxy_lr_multiplier`` only with a proxy loss. The optimizers are
+    built under the strategy scope (:func:`build_optimizer`,
+    :func:`build_proxy_optimizer`)."""
+    from tfdml.losses import ProxyLoss
+
+    opt = cfg["optimizer"]
+    if opt["name"] not in ("sgd", "rmsprop") and opt["momentum"]:
+        raise ConfigError(
+            "optimizer.momentum",
+            f"only used by sgd / rmsprop, not {opt['name']!r}",
+        )
+    proxy = isinstance(built.loss, ProxyLoss)
+    if opt["proxy_lr_multiplier"] is not None and not proxy:
+        raise ConfigError(
+            "optimizer.proxy_lr_multiplier",
+            f"only used by proxy losses, not {cfg['loss']['name']!r}",
+        )
+
+
+def build_optimizer(cfg, lr_multiplier=1.0):
+    """The optimizer of the config (learning rates x ``lr_multiplier``)."""
+    import keras
+
+    opt = cfg["optimizer"]
+    train = cfg["train"]
+    lr = opt["learning_rate"] * lr_multiplier
+    steps = train["steps_per_epoch"]
+    if opt["schedule"] == "multistep":
+        bounds = [m * steps for m in opt["milestones"]]
+        values = [lr * opt["gamma"] ** i for i in range(len(bounds) + 1)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
+    elif opt["schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=train["epochs"] * steps
+        )
+    kwargs = {"learning_rate": lr}
+    if opt["weight_decay"]:
+        kwargs["weight_decay"] = opt["weight_decay"]
+    if opt["clipnorm"]:
+        kwargs["clipnorm"] = opt["clipnorm"]
+    name = opt["name"]
+    if name == "adam":
+        return keras.optimizers.Adam(**kwargs)
+    if name == "adamw":
+        kwargs.setdefault("weight_decay", 0.0)
+        return keras.optimizers.AdamW(**kwargs)
+    if name == "sgd":
+        return keras.optimizers.SGD(momentum=opt["momentum"], **kwargs)
+    return keras.optimizers.RMSprop(momentum=opt["momentum"], **kwargs)
+
+
+def build_proxy_optimizer(cfg):
+    """``optimizer.proxy_lr_multiplier``: the proxies' optimizer (the same
+    optimizer and schedule at ``learning_rate x multiplier``), else None."""
+    mult = cfg["optimizer"]["proxy_lr_multiplier"]
+    return None if mult is None else build_optimizer(cfg, mult)
+
+
+# -- model --
+
+
+def _default(fn, name):
+    """The default of parameter ``name`` of ``fn`` (defaults live in the
+    constructors)."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _model_section(cfg, built):
+    """``model``: the encoder's keyword arguments (its keys outside the
+    schema), checked here for the values ``build_embedding_model`` would
+    reject only when the model is built (after the run folder is
+    prepared)."""
+    from tfdml import models
+    from tfdml.models import embedding
+    from tfdml.validation import check_int
+
+    kwargs = passthrough_kwargs(
+        cfg,
+        "model",
+        [models.build_embedding_model],
+        reserved=("input_shape", "num_classes"),
+    )[0]
+    if "embedding_dim" in kwargs:
         try:
-            return value.item()
-        except (TypeError, ValueError):
-            pass
-    return repr(value)
+            check_int("embedding_dim", kwargs["embedding_dim"], minimum=1)
+        except ValueError as e:
+            raise ConfigError("model.embedding_dim", str(e)) from None
+    for key, options in (
+        ("backbone", embedding.BACKBONES),
+        ("pooling", embedding.POOLINGS),
+    ):
+        if key in kwargs and kwargs[key] not in options:
+            raise ConfigError(
+                f"model.{key}",
+                f"must be one of {list(options)}; received {kwargs[key]!r}",
+            )
+    backbone = kwargs.get(
+        "backbone", _default(models.build_embedding_model, "backbone")
+    )
+    app = getattr(embedding, "_APPLICATIONS", {}).get(backbone)
+    size = cfg["model"]["image_size"]
+    if app is not None and size < app[-1]:
+        raise ConfigError(
+            "model.image_size",
+            f"backbone {backbone!r} needs inputs of at least "
+            f"{app[-1]}x{app[-1]}; received {size}",
+        )
+    built.encoder_kwargs = kwargs
+
+
+def input_shape(cfg):
+    m = cfg["model"]
+    return (m["image_size"], m["image_size"], m["channels"])
+
+
+# -- eval --
+
+
+def eval_metrics(cfg):
+    """``eval.metrics`` plus ``eval.monitor`` (when it is a metric name):
+    the ``metrics=`` of every validation and test evaluation."""
+    from tfdml.eval.metrics import _resolve_metrics
+
+    ev = cfg["eval"]
+    names = list(ev["metrics"])
+    every = _resolve_metrics(
+        ["recall", "precision@1", "r_precision", "map@r", "map", "mrr"],
+        tuple(ev["recall_at"]),
+    )[1]
+    if ev["monitor"] in every and ev["monitor"] not in names:
+        names.append(ev["monitor"])
+    return names
+
+
+def monitor_metrics(cfg):
+    """The ``val_*`` metric names the validation callback produces
+    (without ``val_``): what :func:`tfdml.eval.retrieval_metrics` returns
+    for ``eval.metrics`` and ``eval.recall_at``, counts excluded."""
+    from tfdml.eval.metrics import _resolve_metrics
+
+    return list(
+        _resolve_metrics(eval_metrics(cfg), tuple(cfg["eval"]["recall_at"]))[1]
+    )
+
+
+def _eval_section(cfg, built):
+    """``eval``: ``monitor`` is a metric the validation produces."""
+    monitor = cfg["eval"]["monitor"]
+    names = monitor_metrics(cfg)
+    if monitor not in names:
+        hint = ""
+        if monitor.startswith("val_") and monitor[4:] in names:
+            hint = f" (without the val_ prefix: {monitor[4:]!r})"
+        raise ConfigError(
+            "eval.monitor",
+            f"{monitor!r} is not a validation metric{hint}; expected one of "
+            f"{names} (recall@K for K in eval.recall_at)",
+        )
+
+
+# -- memory --
+
+
+def _memory_section(cfg, built):
+    """``memory``: the memory's keyword arguments, checked by a probe
+    (memory options need ``memory.size > 0``)."""
+    mem = cfg["memory"]
+    if mem["size"] > 0:
+        from tfdml.memory import CrossBatchMemory
+
+        built.memory_kwargs = passthrough_kwargs(
+            cfg, "memory", [CrossBatchMemory], reserved=("dim",)
+        )[0]
+        _construct(
+            "memory",
+            CrossBatchMemory,
+            size=mem["size"],
+            dim=_PROBE_DIM,
+            start_after=mem["start_after"],
+            **built.memory_kwargs,
+        )
+    elif set(mem) - set(config_lib.SCHEMA["memory"]):
+        raise ConfigError("memory", "memory options given but memory.size is 0")
+
+
+# -- meta --
+
+
+def _meta_section(cfg, built):
+    """``meta``: MMSI's keyword arguments; MMSI needs an MMSI base loss and
+    no memory or IAA (meta options need ``meta.method: mmsi``)."""
+    if cfg["meta"]["method"] != "mmsi":
+        if set(cfg["meta"]) - set(config_lib.SCHEMA["meta"]):
+            raise ConfigError(
+                "meta", "meta options given but meta.method is none"
+            )
+        return
+    from tfdml.meta import MMSIModel
+    from tfdml.meta.forms import MMSIPairLoss
+
+    built.meta_kwargs = passthrough_kwargs(
+        cfg,
+        "meta",
+        [MMSIModel.__init__],
+        reserved=(
+            "encoder",
+            "memory",
+            "augmenter",
+            "classification_loss_weight",
+            "base_loss",
+            "num_classes",
+            "dictionary",
+        ),
+    )[0]
+    if not isinstance(built.loss, MMSIPairLoss):
+        raise ConfigError(
+            "loss.name",
+            "meta.method=mmsi needs an MMSI base loss "
+            "(MMSIContrastiveLoss, MMSIMultiSimilarityLoss, "
+            f"MMSITripletLoss); received {cfg['loss']['name']!r}",
+        )
+    if cfg["memory"]["size"] or cfg["augment"]["method"] != "none":
+        raise ConfigError(
+            "meta.method",
+            "MMSI uses its own class dictionary; set memory.size=0 and "
+            "augment.method=none",
+        )
+
+
+# -- augment --
+
+
+def _augment_section(cfg, built):
+    """``augment``: the keyword arguments of IAA's estimator, augmenter and
+    refresh callback, checked by probes (augment options need
+    ``augment.method: iaa``)."""
+    if cfg["augment"]["method"] != "iaa":
+        if set(cfg["augment"]) - set(config_lib.SCHEMA["augment"]):
+            raise ConfigError(
+                "augment", "augment options given but augment.method is none"
+            )
+        return
+    from tfdml import augment
+
+    targets = [augment.IAAEstimator, augment.IAAugmenter, augment.IAARefresh]
+    split = passthrough_kwargs(
+        cfg,
+        "augment",
+        targets,
+        reserved=("dim", "num_classes", "estimator", "dataset", "epochs"),
+    )
+    kw = {"estimator": split[0], "augmenter": split[1], "refresh": split[2]}
+    estimator = _construct(
+        "augment",
+        augment.IAAEstimator,
+        num_classes=_PROBE_CLASSES,
+        dim=_PROBE_DIM,
+        **kw["estimator"],
+    )
+    _construct("augment", augment.IAAugmenter, estimator, **kw["augmenter"])
+    _construct("augment", augment.IAARefresh, None, **kw["refresh"])
+    built.augment_kwargs = kw
 
 
 # -- data --
@@ -447,34 +748,17 @@ def check_data(cfg, data):
         )
 
 
-# -- objects --
-
-
-class Built:
-    """Everything built from a config before training starts."""
-
-    loss = None
-    data = None
-    encoder_kwargs = None
-    memory_kwargs = None
-    meta_kwargs = None
-    augment_kwargs = None
-    init_weights = None  # train.init_from: {variable path: array}
-
-
-def validate(cfg):
-    """Builds every object once (cheaply) and checks the config.
-
-    Raises:
-      ConfigError: naming the key. Nothing is written.
-    """
-    built = validate_objects(cfg)
+def _data_section(cfg, built):
+    """``data``: reads the data set and checks it against the batch shape
+    (:func:`check_data`); a proxy loss gets the number of training
+    classes."""
     built.data = Data(cfg)
     check_data(cfg, built.data)
     if getattr(built.loss, "num_classes", 0) is None:  # a proxy loss
-        built.loss = build_loss(cfg, built.data.num_train_classes)
-    check_init_from(cfg, built)
-    return built
+        built.loss.num_classes = built.data.num_train_classes
+
+
+# -- train --
 
 
 INIT_ENCODERS = ("best_encoder.keras", "final_encoder.keras")
@@ -586,220 +870,48 @@ def apply_init_from(built, encoder):
     print(f"encoder initialised from {built.init_from_path}")
 
 
-def validate_objects(cfg):
-    """Like :func:`validate` without reading any data."""
-    built = Built()
-    built.loss = build_loss(cfg)
-    _validate_optimizer(cfg)
-    _validate_proxy_loss(cfg, built.loss)
-    from tfdml import models
+# -- validation: every section's builder, once, in order --
 
-    built.encoder_kwargs = passthrough_kwargs(
-        cfg,
-        "model",
-        [models.build_embedding_model],
-        reserved=("input_shape", "num_classes"),
-    )[0]
-    _validate_encoder_kwargs(cfg, built.encoder_kwargs)
-    _validate_monitor(cfg)
-    mem = cfg["memory"]
-    if mem["size"] > 0:
-        from tfdml.memory import CrossBatchMemory
+# (section, builder(cfg, built)) of the sections that read no data; the
+# loss comes first (the optimizer and meta sections check against it).
+OBJECT_SECTIONS = (
+    ("loss", _loss_section),  # with miner and weighting
+    ("optimizer", _optimizer_section),
+    ("model", _model_section),
+    ("eval", _eval_section),
+    ("memory", _memory_section),
+    ("meta", _meta_section),
+    ("augment", _augment_section),
+)
 
-        built.memory_kwargs = passthrough_kwargs(
-            cfg, "memory", [CrossBatchMemory], reserved=("dim",)
-        )[0]
-        _construct(
-            "memory",
-            CrossBatchMemory,
-            size=mem["size"],
-            dim=2,
-            start_after=mem["start_after"],
-            **built.memory_kwargs,
-        )
-    elif set(mem) - set(config_lib.SCHEMA["memory"]):
-        raise ConfigError("memory", "memory options given but memory.size is 0")
-    if cfg["meta"]["method"] == "mmsi":
-        from tfdml.meta import MMSIModel
+# Then the data, and what needs it (train.init_from builds an encoder with
+# the classification head sized by the data).
+DATA_SECTIONS = (
+    ("data", _data_section),
+    ("train", check_init_from),
+)
 
-        built.meta_kwargs = passthrough_kwargs(
-            cfg,
-            "meta",
-            [MMSIModel.__init__],
-            reserved=(
-                "encoder",
-                "memory",
-                "augmenter",
-                "classification_loss_weight",
-                "base_loss",
-                "num_classes",
-                "dictionary",
-            ),
-        )[0]
-        from tfdml.meta.forms import MMSIPairLoss
 
-        if not isinstance(built.loss, MMSIPairLoss):
-            raise ConfigError(
-                "loss.name",
-                "meta.method=mmsi needs an MMSI base loss "
-                "(MMSIContrastiveLoss, MMSIMultiSimilarityLoss, "
-                f"MMSITripletLoss); received {cfg['loss']['name']!r}",
-            )
-        if cfg["memory"]["size"] or cfg["augment"]["method"] != "none":
-            raise ConfigError(
-                "meta.method",
-                "MMSI uses its own class dictionary; set memory.size=0 and "
-                "augment.method=none",
-            )
-    elif set(cfg["meta"]) - set(config_lib.SCHEMA["meta"]):
-        raise ConfigError("meta", "meta options given but meta.method is none")
-    if cfg["augment"]["method"] == "iaa":
-        built.augment_kwargs = _iaa_kwargs(cfg)
-    elif set(cfg["augment"]) - set(config_lib.SCHEMA["augment"]):
-        raise ConfigError(
-            "augment", "augment options given but augment.method is none"
-        )
+def _run_sections(cfg, built, sections):
+    for _, builder in sections:
+        builder(cfg, built)
     return built
 
 
-def _validate_encoder_kwargs(cfg, kwargs):
-    """The encoder's values that its constructor would reject only when the
-    model is built (after the run folder is prepared)."""
-    from tfdml.models import embedding
-    from tfdml.validation import check_int
-
-    if "embedding_dim" in kwargs:
-        try:
-            check_int("embedding_dim", kwargs["embedding_dim"], minimum=1)
-        except ValueError as e:
-            raise ConfigError("model.embedding_dim", str(e)) from None
-    for key, options in (
-        ("backbone", embedding.BACKBONES),
-        ("pooling", embedding.POOLINGS),
-    ):
-        if key in kwargs and kwargs[key] not in options:
-            raise ConfigError(
-                f"model.{key}",
-                f"must be one of {list(options)}; received {kwargs[key]!r}",
-            )
-    backbone = kwargs.get("backbone", "small_cnn")
-    app = getattr(embedding, "_APPLICATIONS", {}).get(backbone)
-    size = cfg["model"]["image_size"]
-    if app is not None and size < app[-1]:
-        raise ConfigError(
-            "model.image_size",
-            f"backbone {backbone!r} needs inputs of at least "
-            f"{app[-1]}x{app[-1]}; received {size}",
-        )
+def validate_objects(cfg):
+    """Like :func:`validate` without reading any data
+    (:data:`OBJECT_SECTIONS` only)."""
+    return _run_sections(cfg, Built(), OBJECT_SECTIONS)
 
 
-def eval_metrics(cfg):
-    """``eval.metrics`` plus ``eval.monitor`` (when it is a metric name):
-    the ``metrics=`` of every validation and test evaluation."""
-    from tfdml.eval.metrics import _resolve_metrics
+def validate(cfg):
+    """Runs every section's builder once (:data:`OBJECT_SECTIONS`, then
+    :data:`DATA_SECTIONS`) and returns what they built.
 
-    ev = cfg["eval"]
-    names = list(ev["metrics"])
-    every = _resolve_metrics(
-        ["recall", "precision@1", "r_precision", "map@r", "map", "mrr"],
-        tuple(ev["recall_at"]),
-    )[1]
-    if ev["monitor"] in every and ev["monitor"] not in names:
-        names.append(ev["monitor"])
-    return names
-
-
-def monitor_metrics(cfg):
-    """The ``val_*`` metric names the validation callback produces
-    (without ``val_``): what :func:`tfdml.eval.retrieval_metrics` returns
-    for ``eval.metrics`` and ``eval.recall_at``, counts excluded."""
-    from tfdml.eval.metrics import _resolve_metrics
-
-    return list(
-        _resolve_metrics(eval_metrics(cfg), tuple(cfg["eval"]["recall_at"]))[1]
-    )
-
-
-def _validate_monitor(cfg):
-    monitor = cfg["eval"]["monitor"]
-    names = monitor_metrics(cfg)
-    if monitor not in names:
-        hint = ""
-        if monitor.startswith("val_") and monitor[4:] in names:
-            hint = f" (without the val_ prefix: {monitor[4:]!r})"
-        raise ConfigError(
-            "eval.monitor",
-            f"{monitor!r} is not a validation metric{hint}; expected one of "
-            f"{names} (recall@K for K in eval.recall_at)",
-        )
-
-
-def _iaa_kwargs(cfg):
-    from tfdml import augment
-
-    targets = [augment.IAAEstimator, augment.IAAugmenter, augment.IAARefresh]
-    split = passthrough_kwargs(
-        cfg,
-        "augment",
-        targets,
-        reserved=("dim", "num_classes", "estimator", "dataset", "epochs"),
-    )
-    kw = {"estimator": split[0], "augmenter": split[1], "refresh": split[2]}
-    estimator = _construct(
-        "augment", augment.IAAEstimator, num_classes=2, dim=2, **kw["estimator"]
-    )
-    _construct("augment", augment.IAAugmenter, estimator, **kw["augmenter"])
-    _construct("augment", augment.IAARefresh, None, **kw["refresh"])
-    return kw
-
-
-def _validate_optimizer(cfg):
-    opt = cfg["optimizer"]
-    if opt["name"] != "sgd" and opt["name"] != "rmsprop":
-        if opt["momentum"]:
-            raise ConfigError(
-                "optimizer.momentum",
-                f"only used by sgd / rmsprop, not {opt['name']!r}",
-            )
-
-
-def build_optimizer(cfg, lr_multiplier=1.0):
-    """The optimizer of the config (learning rates x ``lr_multiplier``)."""
-    import keras
-
-    opt = cfg["optimizer"]
-    train = cfg["train"]
-    lr = opt["learning_rate"] * lr_multiplier
-    steps = train["steps_per_epoch"]
-    if opt["schedule"] == "multistep":
-        bounds = [m * steps for m in opt["milestones"]]
-        values = [lr * opt["gamma"] ** i for i in range(len(bounds) + 1)]
-        lr = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
-    elif opt["schedule"] == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(
-            lr, decay_steps=train["epochs"] * steps
-        )
-    kwargs = {"learning_rate": lr}
-    if opt["weight_decay"]:
-        kwargs["weight_decay"] = opt["weight_decay"]
-    if opt["clipnorm"]:
-        kwargs["clipnorm"] = opt["clipnorm"]
-    name = opt["name"]
-    if name == "adam":
-        return keras.optimizers.Adam(**kwargs)
-    if name == "adamw":
-        kwargs.setdefault("weight_decay", 0.0)
-        return keras.optimizers.AdamW(**kwargs)
-    if name == "sgd":
-        return keras.optimizers.SGD(momentum=opt["momentum"], **kwargs)
-    return keras.optimizers.RMSprop(momentum=opt["momentum"], **kwargs)
-
-
-def build_proxy_optimizer(cfg):
-    """``optimizer.proxy_lr_multiplier``: the proxies' optimizer (the same
-    optimizer and schedule at ``learning_rate x multiplier``), else None."""
-    mult = cfg["optimizer"]["proxy_lr_multiplier"]
-    return None if mult is None else build_optimizer(cfg, mult)
+    Raises:
+      ConfigError: naming the key. Nothing is written.
+    """
+    return _run_sections(cfg, validate_objects(cfg), DATA_SECTIONS)
 
 
 # -- wiring of the library pieces --
@@ -816,11 +928,6 @@ class Parts:
         self.callbacks = []  # extra Keras callbacks (IAA refresh)
         self.state_objects = []  # extra objects whose variables are saved
         self.describe = {}  # name -> object for config.yaml
-
-
-def input_shape(cfg):
-    m = cfg["model"]
-    return (m["image_size"], m["image_size"], m["channels"])
 
 
 def build_model(cfg, built, strategy=None):
