@@ -56,7 +56,8 @@ def multi_similarity_weighted(
 
 
 def ms_weights(sim, lists, alpha=2.0, beta=40.0, base=0.5, coefficient=1.0):
-    """w± of seeds.md §4.2 (sums include k = j) on given (pos, neg) lists."""
+    """w± of the MS loss (Wang et al., CVPR 2019; docs/losses.md,
+    "Weightings"; sums include k = j) on given (pos, neg) lists."""
     wp = np.zeros_like(sim)
     wn = np.zeros_like(sim)
     for i, (pos, neg) in enumerate(lists):

@@ -3,7 +3,8 @@
 Memory banks, class dictionaries and IAA statistics are written from
 all-gathered tensors inside the train step. Under ``MirroredStrategy`` they
 need ``aggregation="only_first_replica"`` and ``synchronization="on_write"``
-(see ../shared/stack.md §3: with ``aggregation="none"`` replicas can diverge).
+(with ``aggregation="none"`` replicas can diverge; docs/distributed.md,
+"One machine: MirroredStrategy").
 """
 
 import keras

@@ -1,6 +1,8 @@
 """MMSI meta weights: forms, fast vs nested path, Norm, closed forms.
 
-NumPy float64 references are written from seeds.md §1.2 / §1.4.
+NumPy float64 references are written from docs/training_methods.md (MMSI:
+"What a step does", "Nested vs fast path"; Jiang et al., IEEE TNNLS 2024,
+and its official code).
 """
 
 import keras

@@ -3,7 +3,8 @@
 Liu, Cheng, Wang and Su, "The General Pair-based Weighting Loss for Deep
 Metric Learning", arXiv 1905.12837, built on the General Pair Weighting
 framework of the MS paper (Wang et al., CVPR 2019, §3). tfdml's reading
-(seeds.md §4.3; the paper body is unverified)::
+(only the paper's abstract could be read; docs/losses.md,
+"GeneralPairWeightingLoss")::
 
   L = (1/B) Σ_i [ Σ_{j∈P̂_i} sg(w+_ij) D_ij - Σ_{k∈N̂_i} sg(w-_ik) D_ik ]
 

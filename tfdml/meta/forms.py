@@ -22,7 +22,8 @@ similarity* of pair ``k``, ``g_k = a_k * S_k + const`` with a coefficient
 ``a_k`` that depends only on the (fixed) selection;
 :meth:`MMSIPairLoss.coefficients` returns ``a [B, M]`` already divided by
 the number of anchors ``n``. This is what the fast path of
-:mod:`tfdml.meta.mmsi` uses (seeds.md §1.4).
+:mod:`tfdml.meta.mmsi` uses (docs/training_methods.md, MMSI, "Nested vs
+fast path").
 """
 
 import math

@@ -1,5 +1,6 @@
 """Multi-Similarity pair weights (Wang et al., CVPR 2019, §3 "General Pair
-Weighting"), obtained by differentiating the MS loss (seeds.md §4.2)::
+Weighting"), obtained by differentiating the MS loss (docs/losses.md,
+"MultiSimilarityLoss" and "Weightings")::
 
   w+_ij = c / (exp(-alpha (base - S_ij)) + Σ_{k∈P_i} exp(-alpha (S_ik - S_ij)))
   w-_ij = c / (exp( beta (base - S_ij)) + Σ_{k∈N_i} exp( beta (S_ik - S_ij)))
