@@ -68,24 +68,40 @@ def machine_line():
     )
 
 
-def median_time(fn, args, repeats):
-    """Median wall time (s) of ``fn(*args)`` over ``repeats`` calls after
-    one warm-up call (trace / compile); outputs are fetched (``.numpy()``)
-    so that asynchronous work is counted."""
-    import tensorflow as tf
+def fetch(out):
+    """Calls ``.numpy()`` on every tensor of a (nested) output so that
+    asynchronous work is counted. Plain Python: the PML workers of
+    ``speed_pml.py`` time with it and never import TensorFlow."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            fetch(item)
+    elif hasattr(out, "numpy"):
+        out.numpy()
 
-    def fetch(out):
-        tf.nest.map_structure(
-            lambda t: t.numpy() if hasattr(t, "numpy") else t, out
-        )
 
-    fetch(fn(*args))
+def timed_calls(fn, args=(), repeats=10, warmup=1):
+    """``(median s, first s)``: the median wall time of ``fn(*args)`` over
+    ``repeats`` calls after ``warmup`` calls (trace / compile), and the
+    time of the first call (what a user pays once). Outputs are fetched
+    (:func:`fetch`)."""
+    with Stopwatch() as first:
+        fetch(fn(*args))
+    for _ in range(warmup - 1):
+        fetch(fn(*args))
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fetch(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        with Stopwatch() as t:
+            fetch(fn(*args))
+        times.append(t.seconds)
+    return float(np.median(times)), first.seconds
+
+
+def median_time(fn, args, repeats):
+    """Median wall time (s) of ``fn(*args)`` over ``repeats`` calls after
+    one warm-up call (:func:`timed_calls`)."""
+    return timed_calls(fn, args, repeats)[0]
 
 
 class Stopwatch:

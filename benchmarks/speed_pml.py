@@ -61,7 +61,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -71,6 +70,12 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import vs_pml  # noqa: E402  (the shared model and loss definitions)
+from _common import Stopwatch  # noqa: E402
+from _common import cpu_count  # noqa: E402
+from _common import cpu_model  # noqa: E402
+from _common import pk_images  # noqa: E402
+from _common import pk_labels  # noqa: E402
+from _common import timed_calls  # noqa: E402
 
 PARTS = ("losses", "eval", "embed", "train")
 LOSSES = ("ms", "contrastive", "triplet", "xbm")
@@ -117,10 +122,10 @@ def write_inputs(cfg, work):
         arrays = {}
         for b in cfg["batch_sizes"]:
             arrays[f"emb{b}"] = unit_rows(rng, b)
-            arrays[f"lab{b}"] = np.repeat(np.arange(b // K), K)
+            arrays[f"lab{b}"] = pk_labels(b // K, K).astype(np.int64)
         m = cfg["memory_size"]
         arrays["mem_emb"] = unit_rows(rng, m)
-        arrays["mem_lab"] = np.repeat(np.arange(-(-m // K)), K)[:m]
+        arrays["mem_lab"] = pk_labels(-(-m // K), K)[:m].astype(np.int64)
         paths["losses"] = os.path.join(work, "losses.npz")
         np.savez(paths["losses"], **arrays)
     if "eval" in cfg["parts"]:
@@ -135,21 +140,6 @@ def write_inputs(cfg, work):
 
 
 # -- the workers (one process each; the PML ones import no TensorFlow) -------
-
-
-def _median_time(fn, repeats, warmup=2):
-    """(median seconds of ``fn()`` over ``repeats`` calls, first call s)."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    for _ in range(warmup - 1):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), first
 
 
 def _versions_tfdml():
@@ -242,7 +232,7 @@ def tfdml_losses(cfg, unit):
                 value, grad = fn(emb, labels)
                 value.numpy(), grad.numpy()
 
-            sec, first = _median_time(call, cfg["repeats"])
+            sec, first = timed_calls(call, repeats=cfg["repeats"], warmup=2)
             cases.append(
                 {"case": f"{name} B={b}", "seconds": sec, "first_s": first}
             )
@@ -327,7 +317,7 @@ def pml_losses(cfg, unit):
                     value = loss_fn(emb, labels, miner(emb, labels))
                 value.backward()
 
-            sec, first = _median_time(call, cfg["repeats"])
+            sec, first = timed_calls(call, repeats=cfg["repeats"], warmup=2)
             cases.append(
                 {"case": f"{name} B={b}", "seconds": sec, "first_s": first}
             )
@@ -347,67 +337,60 @@ def _eval_cases(unit, first, warm, metrics, import_s, n):
 
 
 def tfdml_eval(cfg, unit):
-    t = time.perf_counter()
-    from tfdml.eval import retrieval_metrics
+    with Stopwatch() as imported:
+        from tfdml.eval import retrieval_metrics
 
-    import_s = time.perf_counter() - t
     data = np.load(cfg["inputs"][f"eval:{unit}"])
     x, y = data["x"], data["y"]
     kwargs, path = {}, "all metrics (no metrics= keyword)"
     if "metrics" in inspect.signature(retrieval_metrics).parameters:
         kwargs, path = {"metrics": METRICS_TFDML}, "metrics=(P@1, R-P, MAP@R)"
-    t = time.perf_counter()
-    m = retrieval_metrics(x, y, **kwargs)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    retrieval_metrics(x, y, **kwargs)
-    warm = time.perf_counter() - t
+    m, first, warm = _first_and_warm(lambda: retrieval_metrics(x, y, **kwargs))
     metrics = {k: float(m[k]) for k in METRICS_TFDML}
     first_set = unit == cfg["eval_sets"][0]
-    cases = _eval_cases(
-        unit, first, warm, metrics, import_s if first_set else None, len(y)
-    )
+    import_s = imported.seconds if first_set else None
+    cases = _eval_cases(unit, first, warm, metrics, import_s, len(y))
     return {"cases": cases, "mode": path}
 
 
 def pml_eval(cfg, unit):
-    t = time.perf_counter()
-    from pytorch_metric_learning.utils.accuracy_calculator import (
-        AccuracyCalculator,
-    )
+    with Stopwatch() as imported:
+        from pytorch_metric_learning.utils.accuracy_calculator import (
+            AccuracyCalculator,
+        )
 
-    import_s = time.perf_counter() - t
     data = np.load(cfg["inputs"][f"eval:{unit}"])
     x, y = data["x"], data["y"]
-    t = time.perf_counter()
-    calc = AccuracyCalculator(include=METRICS_PML, k="max_bin_count")
-    m = calc.get_accuracy(x, y)  # reference=None: query = reference, self out
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    calc.get_accuracy(x, y)
-    warm = time.perf_counter() - t
+    with Stopwatch() as first:  # the calculator's construction included
+        calc = AccuracyCalculator(include=METRICS_PML, k="max_bin_count")
+        m = calc.get_accuracy(x, y)  # reference=None: query = reference
+    with Stopwatch() as warm:
+        calc.get_accuracy(x, y)
     metrics = {a: float(m[b]) for a, b in zip(METRICS_TFDML, METRICS_PML)}
     first_set = unit == cfg["eval_sets"][0]
+    import_s = imported.seconds if first_set else None
     cases = _eval_cases(
-        unit, first, warm, metrics, import_s if first_set else None, len(y)
+        unit, first.seconds, warm.seconds, metrics, import_s, len(y)
     )
     return {"cases": cases, "mode": "AccuracyCalculator (faiss)"}
 
 
-def _images(n, channels_first, seed=0):
-    rng = np.random.default_rng(seed)
-    shape = (n, 1, 64, 64) if channels_first else (n, 64, 64, 1)
-    return rng.random(shape, dtype=np.float32)
+def _images(n, channels_first):
+    """``n`` 64x64x1 noise images (:func:`_common.pk_images`), channels
+    first for PyTorch: both frameworks get the same pixels."""
+    x, _ = pk_images(64, n, 1)
+    if channels_first:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
 
 
 def _first_and_warm(run):
     """(output, seconds of the first call, seconds of a second call)."""
-    t = time.perf_counter()
-    out = run()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    run()
-    return out, first, time.perf_counter() - t
+    with Stopwatch() as first:
+        out = run()
+    with Stopwatch() as warm:
+        run()
+    return out, first.seconds, warm.seconds
 
 
 def _embed_cases(n, first, warm):
@@ -499,34 +482,31 @@ def tfdml_train(cfg, unit):
     from tfdml.models import DMLModel
 
     keras.utils.set_random_seed(0)
-    x = _images(cfg["train_p"] * K, False)
-    y = np.repeat(np.arange(cfg["train_p"]), K).astype(np.int32)
+    x, y = pk_images(64, cfg["train_p"], K)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     model = DMLModel(vs_pml.tfdml_encoder(x.shape[1:]))
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss=vs_pml.tfdml_loss("ms")
     )
-    t = time.perf_counter()
-    model.fit(
-        ds,
-        steps_per_epoch=cfg["train_warmup"],
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-    )
-    warmup_s = time.perf_counter() - t
-    t = time.perf_counter()
-    hist = model.fit(
-        ds,
-        steps_per_epoch=cfg["train_steps"],
-        epochs=1,
-        verbose=0,
-        shuffle=False,
-    )
-    seconds = time.perf_counter() - t
+    with Stopwatch() as warmup:
+        model.fit(
+            ds,
+            steps_per_epoch=cfg["train_warmup"],
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
+    with Stopwatch() as steps:
+        hist = model.fit(
+            ds,
+            steps_per_epoch=cfg["train_steps"],
+            epochs=1,
+            verbose=0,
+            shuffle=False,
+        )
     loss = float(hist.history["loss"][-1])
     return {
-        "cases": _train_cases(cfg, warmup_s, seconds, loss),
+        "cases": _train_cases(cfg, warmup.seconds, steps.seconds, loss),
         "mode": f"DMLModel.fit, jit_compile={bool(model.jit_compile)}",
     }
 
@@ -536,7 +516,7 @@ def pml_train(cfg, unit):
 
     torch.manual_seed(0)
     x = torch.from_numpy(_images(cfg["train_p"] * K, True))
-    y = torch.from_numpy(np.repeat(np.arange(cfg["train_p"]), K))
+    y = torch.from_numpy(pk_labels(cfg["train_p"], K).astype(np.int64))
     model = vs_pml.pml_model()
     loss_fn, miner = vs_pml.pml_loss("ms")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -550,16 +530,14 @@ def pml_train(cfg, unit):
         opt.step()
         return loss
 
-    t = time.perf_counter()
-    for _ in range(cfg["train_warmup"]):
-        step()
-    warmup_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(cfg["train_steps"]):
-        loss = step()
-    seconds = time.perf_counter() - t
+    with Stopwatch() as warmup:
+        for _ in range(cfg["train_warmup"]):
+            step()
+    with Stopwatch() as steps:
+        for _ in range(cfg["train_steps"]):
+            loss = step()
     return {
-        "cases": _train_cases(cfg, warmup_s, seconds, float(loss)),
+        "cases": _train_cases(cfg, warmup.seconds, steps.seconds, float(loss)),
         "mode": "eager loop",
     }
 
@@ -580,18 +558,20 @@ def worker_main(args):
     with open(args.config) as f:
         cfg = json.load(f)
     load = os.getloadavg()[0]
-    t = time.perf_counter()
-    if cfg.get("threads"):
-        if args.worker == "pml":
-            import torch
+    with Stopwatch() as wall:
+        if cfg.get("threads"):
+            if args.worker == "pml":
+                import torch
 
-            torch.set_num_threads(cfg["threads"])
-        else:
-            import tensorflow as tf
+                torch.set_num_threads(cfg["threads"])
+            else:
+                import tensorflow as tf
 
-            tf.config.threading.set_intra_op_parallelism_threads(cfg["threads"])
-    out = WORKERS[args.worker, args.part](cfg, args.unit)
-    out["wall_s"] = time.perf_counter() - t
+                tf.config.threading.set_intra_op_parallelism_threads(
+                    cfg["threads"]
+                )
+        out = WORKERS[args.worker, args.part](cfg, args.unit)
+    out["wall_s"] = wall.seconds
     out["load_start"], out["load_end"] = load, os.getloadavg()[0]
     out["versions"] = (
         _versions_tfdml() if args.worker == "tfdml" else _versions_pml()
@@ -638,20 +618,11 @@ def _run_worker(python, fw, part, unit, config, out, threads):
 
 
 def machine():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": usable}
+    return {
+        "cpu": cpu_model() or platform.machine(),
+        "cores": os.cpu_count(),
+        "usable_cores": cpu_count(),
+    }
 
 
 def units(cfg):

@@ -62,18 +62,22 @@ and median times and ratios::
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:  # loaded by path (tests), or run by the PML venv
+    sys.path.insert(0, HERE)
+
+from _common import Stopwatch  # noqa: E402
+from _common import environment  # noqa: E402
+from _common import pk_batches  # noqa: E402
+
 WIDTHS = (32, 64, 128, 256)
 EMBEDDING_DIM = 128
 
@@ -106,20 +110,6 @@ def protocol(labels, test_classes, seed=0):
     n = min(test_classes, len(rest))
     test = np.sort(rng.choice(rest, size=n, replace=False))
     return train, test
-
-
-def pk_batches(labels, classes, steps, p, k, seed):
-    """[steps, p * k] indices: p classes, k distinct images each."""
-    rng = np.random.default_rng(seed)
-    pools = {int(c): np.flatnonzero(labels == c) for c in classes}
-    eligible = np.array([c for c in classes if len(pools[int(c)]) >= k])
-    out = np.empty((steps, p * k), np.int64)
-    for s in range(steps):
-        chosen = rng.choice(eligible, size=p, replace=False)
-        out[s] = np.concatenate(
-            [rng.choice(pools[int(c)], size=k, replace=False) for c in chosen]
-        )
-    return out
 
 
 def prepare(args, seed, work):
@@ -227,11 +217,10 @@ def run_tfdml(inputs, method, seed, out):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss=tfdml_loss(method)
     )
-    t0 = time.time()
-    model.fit(
-        ds, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=0
-    )
-    seconds = time.time() - t0
+    with Stopwatch() as fit:
+        model.fit(
+            ds, epochs=1, steps_per_epoch=len(batches), shuffle=False, verbose=0
+        )
 
     def embed():
         fn = tf.function(lambda x: encoder(x, training=False)["embeddings"])
@@ -250,7 +239,7 @@ def run_tfdml(inputs, method, seed, out):
         tfdml=as_trained,
         tfdml_recalibrated=embed(),
         labels=labels[z["test"]],
-        train_seconds=seconds,
+        train_seconds=fit.seconds,
     )
 
 
@@ -310,18 +299,17 @@ def run_pml(inputs, method, seed, out):
     loss_fn, miner = pml_loss(method)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
-    t0 = time.time()
-    for idx in z["batches"]:
-        idx = torch.from_numpy(idx)
-        x = images[idx].float() / 255.0
-        y = labels[idx]
-        emb = torch.nn.functional.normalize(model(x), dim=1)
-        pairs = miner(emb, y) if miner is not None else None
-        loss = loss_fn(emb, y, pairs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    seconds = time.time() - t0
+    with Stopwatch() as fit:
+        for idx in z["batches"]:
+            idx = torch.from_numpy(idx)
+            x = images[idx].float() / 255.0
+            y = labels[idx]
+            emb = torch.nn.functional.normalize(model(x), dim=1)
+            pairs = miner(emb, y) if miner is not None else None
+            loss = loss_fn(emb, y, pairs)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.eval()
     test = torch.from_numpy(z["test"])
     outs = []
@@ -333,7 +321,7 @@ def run_pml(inputs, method, seed, out):
         out,
         pml=np.concatenate(outs),
         labels=z["labels"][z["test"]],
-        train_seconds=seconds,
+        train_seconds=fit.seconds,
         torch_version=torch.__version__,
     )
 
@@ -438,8 +426,6 @@ def parse_args(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--speed" in argv:
-        if HERE not in sys.path:
-            sys.path.insert(0, HERE)
         import speed_pml
 
         return speed_pml.main([a for a in argv if a != "--speed"])
@@ -492,18 +478,22 @@ def main(argv=None):
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     table = markdown(rows)
+    env = environment()
     header = (
-        f"Date {datetime.date.today()}, {platform.machine()} "
-        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-        f"PML/torch {versions}; dataset {args.dataset}, {args.steps} steps "
-        f"of {args.classes_per_batch}x{args.samples_per_class}."
+        f"Date {env['date_utc']}, {env['machine']}, load average "
+        f"{os.getloadavg()[0]:.1f}; TensorFlow {env['tensorflow']}, Keras "
+        f"{env['keras']}; PML/torch {versions}; dataset {args.dataset}, "
+        f"{args.steps} steps of {args.classes_per_batch}x"
+        f"{args.samples_per_class}."
     )
     print("\n" + header + "\n\n" + table)
     name = args.name or "vs_pml_" + args.dataset.replace("/", "_")
     with open(os.path.join(args.out, name + ".md"), "w") as f:
         f.write(header + "\n\n" + table + "\n")
     with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=2)
+        json.dump(
+            {"header": header, "environment": env, "rows": rows}, f, indent=2
+        )
     return 0
 
 
