@@ -45,7 +45,8 @@ def relevant(a, b):
 def pos_neg_lists(
     labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None
 ):
-    """For each anchor i: (list of positive ref indices, list of negatives).
+    """For each anchor i: (list of positive ref indices, list of negatives);
+    a reference with the anchor's id (itself) is in neither.
 
     Labels are int class ids ``[B]`` or multi-hot ``[B, C]`` (see
     :func:`relevant`)."""
@@ -61,9 +62,10 @@ def pos_neg_lists(
         for j in range(len(ref_labels)):
             if ref_valid is not None and not ref_valid[j]:
                 continue
+            if ref_ids[j] == ids[i]:
+                continue  # itself (also a label-less multi-hot row)
             if relevant(labels[i], ref_labels[j]):
-                if ref_ids[j] != ids[i]:
-                    pos.append(j)
+                pos.append(j)
             else:
                 neg.append(j)
         out.append((pos, neg))

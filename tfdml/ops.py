@@ -186,7 +186,9 @@ def distance_from_similarity(sim):
 
 
 def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
-    """Positive and negative masks ``[B, M]``, self-pairs excluded by id.
+    """Positive and negative masks ``[B, M]``, self-pairs (same id)
+    excluded from both (they matter for a multi-hot row with no label,
+    which is a negative of every *other* row).
 
     Args:
       labels: ``[B]`` int class ids of the anchors, or ``[B, C]`` multi-hot
@@ -220,7 +222,9 @@ def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
     same = relevance(labels, ref_labels)
     not_self = tf.not_equal(ids[:, None], ref_ids[None, :])
     pos = tf.logical_and(same, not_self)
-    neg = tf.logical_not(same)
+    # A multi-hot row with no label is not relevant to itself: its self pair
+    # must not become a negative (of similarity 1) either.
+    neg = tf.logical_and(tf.logical_not(same), not_self)
     if ref_valid is not None:
         valid = tf.cast(ref_valid, tf.bool)[None, :]
         pos = tf.logical_and(pos, valid)

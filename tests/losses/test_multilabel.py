@@ -103,6 +103,10 @@ def test_pair_masks_and_relevance_vs_brute_force():
     want = brute_masks(y)
     np.testing.assert_array_equal(pos.numpy(), want[0])
     np.testing.assert_array_equal(neg.numpy(), want[1])
+    # A row with no label: a negative of every other row, never of itself.
+    empty = np.flatnonzero(~y.any(axis=1))
+    assert len(empty) and not neg.numpy()[empty, empty].any()
+    assert neg.numpy()[empty].sum() == len(y) - 1
     # Overlap, not equality: {0, 1} and {1, 2} are relevant.
     r = ops.relevance(tf.constant([[1, 1, 0]]), tf.constant([[0, 1, 1]]))
     assert bool(r.numpy()[0, 0])
@@ -272,19 +276,42 @@ def test_multi_hot_dtypes_agree():
         )
 
 
-def test_memory_rejects_multi_hot_labels():
+def test_memory_and_augmenter_errors_with_multi_hot_labels():
+    # A memory of class ids (multi_hot_classes=None), a memory of another
+    # width and an augmenter refuse multi-hot labels with a message that
+    # says what to do; a multi-hot memory refuses class ids.
     from tests.models.test_dml_model import dense_encoder
     from tfdml.models import DMLModel
 
     memory = CrossBatchMemory(10, 6)
-    with pytest.raises(ValueError, match="multi-hot"):
+    with pytest.raises(ValueError, match="multi_hot_classes=C"):
         memory.enqueue(tf.zeros([4, 6]), tf.zeros([4, 3]), tf.range(4))
     x = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
-    _, y = multi_hot_batch(0)
-    model = DMLModel(dense_encoder(), memory=memory)
+    _, y = multi_hot_batch(0)  # 5 classes
+
+    class Augmenter:
+        def synthesize(self, raw, labels, ids):
+            return raw, labels, ids
+
+    for kwargs, match in (
+        ({"memory": memory}, r"multi_hot_classes=5\); received memory"),
+        (
+            {"memory": CrossBatchMemory(10, 6, multi_hot_classes=4)},
+            r"multi_hot_classes=5.*multi_hot_classes=4",
+        ),
+        ({"augmenter": Augmenter()}, r"augmenter \(IAA\)"),
+    ):
+        model = DMLModel(dense_encoder(), **kwargs)
+        model.compile(optimizer="sgd", loss=tfdml.losses.SupConLoss())
+        with pytest.raises(ValueError, match=match):
+            model.train_on_batch(x, y)
+    model = DMLModel(
+        dense_encoder(), memory=CrossBatchMemory(10, 6, multi_hot_classes=5)
+    )
     model.compile(optimizer="sgd", loss=tfdml.losses.SupConLoss())
-    with pytest.raises(ValueError, match="multi-hot"):
-        model.train_on_batch(x, y)
+    with pytest.raises(ValueError, match="stores multi-hot label rows"):
+        model.train_on_batch(x, np.arange(12) % 3)
+    model.train_on_batch(x, y)  # the matching width trains
 
 
 def test_dml_model_fit_multi_hot():
@@ -310,3 +337,13 @@ def test_dml_model_fit_multi_hot():
     )
     hist = model.fit(x, y, batch_size=6, epochs=1, verbose=0, shuffle=False)
     assert np.isfinite(hist.history["loss"][0])
+
+
+def test_class_dictionary_refuses_multi_hot_labels():
+    # It keeps features per class id: multi-hot labels get a clear error
+    # (they used to fail in the scatter with a shape error).
+    from tfdml.memory import ClassDictionary
+
+    _, y = multi_hot_batch(0)  # [12, 5]
+    with pytest.raises(ValueError, match="ClassDictionary.*multi-hot"):
+        ClassDictionary(5, 6, 2).enqueue(tf.zeros([12, 6]), y)

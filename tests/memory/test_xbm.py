@@ -254,6 +254,8 @@ def xbm_contrastive_reference(
                       mean over the non-zero positive pair losses + mean over
                       the non-zero negative pair losses ("avg_nonzero")
     loss_i = b_i + weight * m_i;  a reference with the anchor's id is skipped.
+    Labels are class ids or multi-hot rows (positive: the label sets
+    intersect, :func:`tests.reference.relevant`).
     """
     emb = np.asarray(emb, np.float64)
     mem = np.asarray(mem, np.float64)
@@ -267,7 +269,7 @@ def xbm_contrastive_reference(
             if j == i:
                 continue
             s = u[i] @ u[j]
-            if labels[j] == labels[i]:
+            if reference.relevant(labels[i], labels[j]):
                 b += max(0.0, POS_MARGIN - s)
             else:
                 b += max(0.0, s - NEG_MARGIN)
@@ -276,7 +278,7 @@ def xbm_contrastive_reference(
             if not mem_valid[j] or mem_ids[j] == ids[i]:
                 continue
             s = u[i] @ v[j]
-            if mem_labels[j] == labels[i]:
+            if reference.relevant(labels[i], mem_labels[j]):
                 pos.append(max(0.0, POS_MARGIN - s))
             else:
                 neg.append(max(0.0, s - NEG_MARGIN))
@@ -478,6 +480,113 @@ def test_dml_model_step_uses_memory_weight_and_reduction():
         "avg_nonzero",
     ).mean()
     np.testing.assert_allclose(logs["loss"], want, rtol=1e-5)
+
+
+# --- multi-hot label rows (multi_hot_classes) --------------------------------
+
+
+def multi_hot_rows(rng, n, classes):
+    """0/1 rows with 1-2 labels, and one row with none every 5 rows."""
+    y = np.zeros((n, classes), np.int32)
+    for i in range(n):
+        if i % 5 != 4:
+            y[i, rng.choice(classes, rng.integers(1, 3), replace=False)] = 1
+    return y
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_multi_hot_rows_match_list_reference(mode):
+    classes, size = 4, 7
+    memory = CrossBatchMemory(size, 4, start_after=1, multi_hot_classes=classes)
+    assert memory.labels.shape == (size, classes)
+    enqueue = memory.enqueue
+    if mode == "xla":
+        enqueue = tf.function(enqueue, jit_compile=True)
+    ring = ListRing(size)
+    rng = np.random.default_rng(3)
+    dtypes = [np.int32, bool, np.float32, np.int64]
+    for step in range(6):
+        emb, _, ids = stream(step, 3)
+        y = multi_hot_rows(rng, 3, classes)
+        enqueue(emb, y.astype(dtypes[step % 4]), ids)
+        if step >= 1:  # start_after=1: the first batch is not stored
+            ring.enqueue(zip(emb, y, ids))
+        np.testing.assert_equal(memory.pointer.numpy(), ring.pointer)
+        np.testing.assert_equal(memory.filled.numpy(), ring.filled)
+        m_emb, m_lab, m_ids, valid = (t.numpy() for t in memory.references())
+        assert m_lab.shape == (size, classes) and m_lab.dtype == np.int32
+        for slot, row in enumerate(ring.slots):
+            if row is None:
+                assert not valid[slot] and not m_lab[slot].any()
+                continue
+            assert valid[slot] and m_ids[slot] == row[2]
+            np.testing.assert_array_equal(m_emb[slot], row[0])
+            np.testing.assert_array_equal(m_lab[slot], row[1])
+    memory.reset()
+    assert memory.labels.numpy().shape == (size, classes)
+    assert not memory.labels.numpy().any()
+    clone = CrossBatchMemory.from_config(memory.get_config())
+    assert clone.multi_hot_classes == classes
+    assert "multi_hot_classes" not in CrossBatchMemory(5, 4).get_config()
+
+
+def test_multi_hot_memory_checks_labels():
+    memory = CrossBatchMemory(10, 6, multi_hot_classes=3)
+    emb, ids = tf.zeros([4, 6]), tf.range(4)
+    for bad in (tf.zeros([4], tf.int32), tf.zeros([4, 5])):
+        with pytest.raises(ValueError, match="multi_hot_classes=3.*shape"):
+            memory.enqueue(emb, bad, ids)
+    with pytest.raises(ValueError, match="create it with multi_hot_classes"):
+        CrossBatchMemory(10, 6).enqueue(emb, tf.zeros([4, 3]), ids)
+    with pytest.raises(ValueError, match="multi_hot_classes"):
+        CrossBatchMemory(10, 6, multi_hot_classes=1)
+
+
+def test_dml_model_step_with_multi_hot_memory_matches_numpy():
+    """As the int-label test above, with multi-hot labels: the memory keeps
+    the label rows and the loss sees batch + memory relevance by
+    intersecting label sets."""
+    from tests.models.test_dml_model import dense_encoder
+    from tfdml.losses import ContrastiveLoss
+    from tfdml.models import DMLModel
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = multi_hot_rows(rng, 8, 3)
+    memory = CrossBatchMemory(20, 6, memory_weight=0.25, multi_hot_classes=3)
+    model = DMLModel(dense_encoder(), memory=memory)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=ContrastiveLoss(form="similarity", pos_margin=1.0, neg_margin=0.5),
+        jit_compile=True,
+    )
+    model.train_on_batch(x, y.astype(np.float32))
+    m_emb, m_lab, m_ids, m_valid = (t.numpy() for t in memory.references())
+    np.testing.assert_array_equal(m_lab[:8], y)
+    assert m_valid.sum() == 8
+    model.reset_metrics()
+    # Other inputs: no anchor meets its own stored copy (similarity 1, a
+    # pair loss of ~0 that avg_nonzero would count or not by rounding).
+    x2 = rng.normal(size=(8, 5)).astype(np.float32)
+    logs = model.train_on_batch(x2, y, return_dict=True)
+    emb = model.encoder(x2)["embeddings"].numpy()
+    want = xbm_contrastive_reference(
+        emb,
+        y,
+        np.arange(8, 16),
+        m_emb,
+        m_lab,
+        m_ids,
+        m_valid,
+        0.25,
+        "avg_nonzero",
+    )
+    batch_only = xbm_contrastive_reference(
+        emb, y, np.arange(8, 16), m_emb, m_lab, m_ids, m_valid, 0.0, "sum"
+    )
+    assert np.abs(want - batch_only).max() > 1e-3  # the memory term counts
+    np.testing.assert_allclose(logs["loss"], want.mean(), rtol=1e-5)
+    np.testing.assert_array_equal(memory.references()[1].numpy()[8:16], y)
 
 
 # --- drift metric ------------------------------------------------------------

@@ -143,6 +143,16 @@ class ClassDictionary(keras.layers.Layer):
                 f"`features` must have shape [n, {self.dim}]; received "
                 f"shape {feats.shape}."
             )
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank is not None and (
+            labels.shape.rank > 2
+            or (labels.shape.rank == 2 and labels.shape[-1] != 1)
+        ):
+            raise ValueError(
+                "ClassDictionary keeps features per class: `labels` must be "
+                f"int class ids [n] (or [n, 1]); received shape "
+                f"{labels.shape} (multi-hot labels are not supported)."
+            )
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
         c, k = self.num_classes, self.d_size
         in_range = tf.logical_and(labels >= 0, labels < c)

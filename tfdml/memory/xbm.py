@@ -86,10 +86,15 @@ class CrossBatchMemory(keras.layers.Layer):
         ``XBM.WEIGHT``, default 1): ``loss = L(batch) + w * L(memory)``.
       memory_reduction: ``"auto"`` (default) | ``"avg_nonzero"`` | ``"sum"``
         | ``"joint"``; how the memory term is reduced (module docstring).
+      multi_hot_classes: None (default: one int class id per row), or
+        ``C > 1``: the memory stores multi-hot label rows ``[C]`` (0/1;
+        relevance: the label sets intersect, :func:`tfdml.ops.relevance`)
+        and takes only multi-hot ``[n, C]`` labels.
       **kwargs: passed to ``keras.layers.Layer`` (``name``).
 
     Variables (all non-trainable): ``embeddings [M, d]`` float32,
-    ``labels [M]`` int32 (``-1`` when empty), ``ids [M]`` int32, ``keys [M]``
+    ``labels [M]`` int32 (``-1`` when empty; with ``multi_hot_classes=C``:
+    ``[M, C]`` int32 0/1, all 0 when empty), ``ids [M]`` int32, ``keys [M]``
     int32 (stable example keys for :meth:`drift`, ``-1`` when not given),
     ``pointer`` (next slot), ``filled`` (number of valid slots) and ``step``
     (enqueue calls so far).
@@ -112,6 +117,7 @@ class CrossBatchMemory(keras.layers.Layer):
         start_after=0,
         memory_weight=1.0,
         memory_reduction="auto",
+        multi_hot_classes=None,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -134,19 +140,27 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"memory_weight={memory_weight!r}."
             )
         self.memory_reduction = memory_reduction
+        if multi_hot_classes is not None:
+            multi_hot_classes = check_int(
+                "multi_hot_classes", multi_hot_classes, 2
+            )
+        self.multi_hot_classes = multi_hot_classes
         self._term_losses = {}
         self.embeddings = state_variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
-        self.labels = state_variable(
-            "labels", np.full((self.size,), -1, np.int32)
-        )
+        self.labels = state_variable("labels", self._empty_labels())
         self.ids = state_variable("ids", np.full((self.size,), -1, np.int32))
         self.keys = state_variable("keys", np.full((self.size,), -1, np.int32))
         self.pointer = state_variable("pointer", np.int32(0))
         self.filled = state_variable("filled", np.int32(0))
         self.step = state_variable("step", np.int32(0))
         self.built = True
+
+    def _empty_labels(self):
+        if self.multi_hot_classes is None:
+            return np.full((self.size,), -1, np.int32)
+        return np.zeros((self.size, self.multi_hot_classes), np.int32)
 
     @property
     def active(self):
@@ -158,7 +172,8 @@ class CrossBatchMemory(keras.layers.Layer):
 
         Returns:
           a :class:`tfdml.losses.References` ``(embeddings [M, d] float32,
-          labels [M] int32, ids [M] int32, valid [M] bool)``; ``valid`` is
+          labels [M] int32 (``[M, C]`` with ``multi_hot_classes``), ids [M]
+          int32, valid [M] bool)``; ``valid`` is
           False for empty slots and for every slot during the warm-up.
         """
         filled = tf.convert_to_tensor(self.filled)
@@ -363,23 +378,15 @@ class CrossBatchMemory(keras.layers.Layer):
 
         Args:
           embeddings: ``[n, d]`` (cast to float32, gradient stopped).
-          labels: ``[n]`` (or ``[n, 1]``) int class ids.
+          labels: ``[n]`` (or ``[n, 1]``) int class ids; with
+            ``multi_hot_classes=C``: ``[n, C]`` multi-hot 0/1 (any numeric
+            or bool dtype; non-zero counts as 1).
           ids: ``[n]`` int example ids.
           keys: optional ``[n]`` int stable example keys (for
             :meth:`drift`); ``-1`` is stored when not given.
         """
         emb = tf.cast(tf.stop_gradient(embeddings), tf.float32)
-        labels = tf.convert_to_tensor(labels)
-        if labels.shape.rank == 2 and labels.shape[-1] != 1:
-            raise ValueError(
-                "CrossBatchMemory stores one int class id per row; received "
-                f"`labels` of shape {labels.shape} (multi-hot labels are "
-                "not supported by the memory bank: train without memory, "
-                "or pass the reference set to `per_anchor` yourself)."
-            )
-        labels = tf.cast(labels, tf.int32)
-        if labels.shape.rank == 2:
-            labels = tf.reshape(labels, [-1])
+        labels = self._check_labels(tf.convert_to_tensor(labels))
         ids = tf.cast(ids, tf.int32)
         if keys is None:
             keys = tf.fill(tf.shape(ids), -1)
@@ -428,6 +435,30 @@ class CrossBatchMemory(keras.layers.Layer):
         self.filled.assign(tf.minimum(filled + written, m))
         self.step.assign(tf.convert_to_tensor(self.step) + 1)
 
+    def _check_labels(self, labels):
+        c = self.multi_hot_classes
+        if c is None:
+            if labels.shape.rank == 2 and labels.shape[-1] != 1:
+                raise ValueError(
+                    "This CrossBatchMemory stores one int class id per row; "
+                    f"received `labels` of shape {labels.shape}. For "
+                    "multi-hot labels [n, C] create it with "
+                    "multi_hot_classes=C."
+                )
+            labels = tf.cast(labels, tf.int32)
+            if labels.shape.rank == 2:
+                labels = tf.reshape(labels, [-1])
+            return labels
+        if labels.shape.rank != 2 or labels.shape[-1] != c:
+            raise ValueError(
+                f"This CrossBatchMemory stores multi-hot label rows of "
+                f"{c} classes (multi_hot_classes={c}); `labels` must have "
+                f"shape [n, {c}]; received shape {labels.shape}."
+            )
+        if labels.dtype != tf.bool:
+            labels = tf.not_equal(labels, tf.zeros([], labels.dtype))
+        return tf.cast(labels, tf.int32)
+
     @staticmethod
     def _scatter(variable, idx, values):
         # In-place IndexedSlices scatter: works on one device (eager,
@@ -438,7 +469,7 @@ class CrossBatchMemory(keras.layers.Layer):
     def reset(self):
         """Empties the memory (slots, pointer, fill count and step)."""
         self.embeddings.assign(tf.zeros_like(self.embeddings))
-        self.labels.assign(tf.fill([self.size], -1))
+        self.labels.assign(self._empty_labels())
         self.ids.assign(tf.fill([self.size], -1))
         self.keys.assign(tf.fill([self.size], -1))
         self.pointer.assign(0)
@@ -456,6 +487,8 @@ class CrossBatchMemory(keras.layers.Layer):
             memory_weight=self.memory_weight,
             memory_reduction=self.memory_reduction,
         )
+        if self.multi_hot_classes is not None:
+            config["multi_hot_classes"] = self.multi_hot_classes
         return config
 
 

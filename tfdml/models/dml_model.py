@@ -432,13 +432,30 @@ class DMLModel(keras.Model):
         emb, labels, ids = batch["embeddings"], batch["labels"], batch["ids"]
         parts_e, parts_y, parts_i = [emb], [labels], [ids]
         parts_v = [tf.ones(tf.shape(labels)[:1], dtype=tf.bool)]
-        if labels.shape.rank == 2 and (
-            self.memory is not None or (training and self.augmenter is not None)
-        ):
+        if labels.shape.rank == 2:
+            c = labels.shape[-1]
+            if training and self.augmenter is not None:
+                raise ValueError(
+                    f"multi-hot `labels` (shape {labels.shape}) do not work "
+                    "with an augmenter (IAA): it synthesizes rows of one int "
+                    "class id; train without it."
+                )
+            width = getattr(self.memory, "multi_hot_classes", None)
+            if self.memory is not None and width != c:
+                raise ValueError(
+                    f"multi-hot `labels` (shape {labels.shape}) need a "
+                    "memory that stores label rows of the same width: "
+                    f"CrossBatchMemory(..., multi_hot_classes={c}); "
+                    f"received memory={self.memory!r} (multi_hot_classes="
+                    f"{width})."
+                )
+        elif getattr(self.memory, "multi_hot_classes", None) is not None:
             raise ValueError(
-                "multi-hot `labels` (shape "
-                f"{labels.shape}) work with DMLModel's batch only: the memory "
-                "bank and the augmenters store one int class id per row."
+                "The memory stores multi-hot label rows (multi_hot_classes="
+                f"{self.memory.multi_hot_classes}); `labels` are class ids "
+                f"of shape {labels.shape}: give [batch, "
+                f"{self.memory.multi_hot_classes}] multi-hot labels or a "
+                "memory without multi_hot_classes."
             )
         probs = batch.get("probs")
         parts_p = [probs] if probs is not None else None
@@ -464,8 +481,8 @@ class DMLModel(keras.Model):
             parts_y.append(tf.cast(m_lab, tf.int32))
             parts_i.append(tf.cast(m_ids, tf.int32))
             parts_v.append(tf.cast(m_valid, tf.bool))
-            if parts_p is not None:
-                parts_p.append(tf.ones_like(m_lab, dtype=tf.float32))
+            if parts_p is not None:  # one per row (labels may be [M, C])
+                parts_p.append(tf.ones_like(m_ids, dtype=tf.float32))
         refs = {
             "refs": References(
                 tf.concat(parts_e, 0),
