@@ -463,7 +463,8 @@ class CrossBatchMemory(keras.layers.Layer):
     def _scatter(variable, idx, values):
         # In-place IndexedSlices scatter: works on one device (eager,
         # tf.function, XLA) and on MirroredVariables, where
-        # scatter_nd_update raises NotImplementedError (stack.md §3).
+        # scatter_nd_update raises NotImplementedError in TF 2.20 (this
+        # path runs under MirroredStrategy in tests/distributed).
         variable.value.scatter_update(tf.IndexedSlices(values, idx))
 
     def reset(self):
