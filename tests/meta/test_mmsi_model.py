@@ -138,6 +138,54 @@ def test_xla_step_matches_eager():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def _cnn_meta_data():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(16, 8, 8, 1)).astype("float32")
+    labels = np.repeat(np.arange(4), 4).astype("int32")
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    return meta_dataset(train, validation_dataset(images, labels, 4))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_skipped_step_changes_no_weight_statistic_or_optimizer_state(jit):
+    # Under XLA the skip is branch-free (apply, then restore): a skipped
+    # step must still leave weights, BatchNorm statistics and the Adam
+    # state (iterations, moments) exactly as they were.
+    keras.utils.set_random_seed(0)
+    enc = build_embedding_model((8, 8, 1), embedding_dim=4)
+    model = MMSIModel(
+        enc, base_loss="ms", num_classes=4, min_classes_before_update=99
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.1), jit_compile=jit)
+    before = [np.array(w) for w in model.encoder.get_weights()]
+    assert any("moving" in v.path for v in enc.non_trainable_variables)
+    hist = model.fit(_cnn_meta_data(), epochs=1, verbose=0).history
+    assert hist["gate_open"] == [0.0]
+    after = model.encoder.get_weights()
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    moments = [v for v in model.optimizer.variables if len(v.shape)]
+    assert len(moments) == 2 * len(model.encoder.trainable_variables)
+    for v in moments:
+        np.testing.assert_array_equal(v.numpy(), 0)
+
+
+def test_xla_adam_step_with_batchnorm_matches_eager():
+    weights = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        enc = build_embedding_model((8, 8, 1), embedding_dim=4)
+        model = MMSIModel(enc, base_loss="contrastive", num_classes=4)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
+        hist = model.fit(_cnn_meta_data(), epochs=1, verbose=0).history
+        assert hist["gate_open"] == [1.0]
+        assert int(model.optimizer.iterations.numpy()) == 2
+        weights.append(model.encoder.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
 def test_bad_arguments_and_config_round_trip():
     enc = dense_encoder()
     with pytest.raises(ValueError, match="memory"):

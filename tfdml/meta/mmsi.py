@@ -436,10 +436,11 @@ class MMSIModel(DMLModel):
         """As :meth:`DMLModel.compile`; the loss defaults to the base loss
         (used as the G-form by ``evaluate``).
 
-        ``jit_compile`` defaults to False: on CPU (TF 2.20) XLA compiles the
-        fast path's forward-mode convolution pass into a very slow program
-        (benchmarks/mmsi.py: 17x the plain step, vs 1.3x without XLA).
-        Pass ``jit_compile=True`` explicitly to try it (e.g. on GPU).
+        ``jit_compile`` defaults to False: on CPU (TF 2.20) XLA's
+        convolutions are slower than oneDNN's, for the plain step as for
+        MMSI's forward-mode pass (benchmarks/mmsi.py). Pass
+        ``jit_compile=True`` explicitly to use it (e.g. on GPU); a skipped
+        step is then branch-free (see :meth:`_apply`).
         """
         kwargs.setdefault("jit_compile", False)
         if loss is None:
@@ -608,6 +609,24 @@ class MMSIModel(DMLModel):
             # No merge_call inside tf.cond: apply zero gradients instead.
             scale = tf.cast(applied, tf.float32)
             self.optimizer.apply([g * scale for g in grads], variables)
+            return
+        if self.jit_compile:
+            # Under XLA (CPU, TF 2.20) the optimizer update inside a
+            # conditional made the whole step ~40x slower (benchmarks/
+            # mmsi.py, "XLA"). Branch-free and still exact: apply, then put
+            # back the old values of every variable the update wrote when
+            # the step is skipped.
+            if not self.optimizer.built:
+                self.optimizer.build(variables)
+            touched = (
+                list(variables)
+                + list(self.optimizer.variables)
+                + list(self.encoder.non_trainable_variables)
+            )
+            old = [tf.identity(tf.convert_to_tensor(v)) for v in touched]
+            do_apply()
+            for var, value in zip(touched, old):
+                var.assign(tf.where(applied, tf.convert_to_tensor(var), value))
             return
         tf.cond(applied, do_apply, lambda: tf.constant(0))
 
