@@ -201,3 +201,51 @@ def test_compatibility_modules_only_reexport(shim):
             isinstance(node, ast.If) and "__main__" in ast.unparse(node)
         )
         assert ok, f"tfdml/{shim}.py: {ast.unparse(node)[:80]}"
+
+
+# Documents of the project's workspace that are not in the repository: a
+# reader of a clone cannot open them, so code, tests and docs cite papers,
+# official code and the repository's own docs instead (issue 14).
+OUTSIDE_DOCUMENTS = (
+    "seeds.md",
+    "seeds §",
+    "stack.md",
+    "style.md",
+    "quality_audit",
+)
+
+
+def test_no_citations_of_documents_outside_the_repository():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = []
+    for top in (
+        "tfdml",
+        "tests",
+        "docs",
+        "benchmarks",
+        "export",
+        "tools",
+        "configs",
+        "train.py",
+        "README.md",
+        "BENCHMARKS.md",
+    ):
+        start = os.path.join(root, top)
+        paths = (
+            [start]
+            if os.path.isfile(start)
+            else [
+                os.path.join(d, f)
+                for d, _, fs in os.walk(start)
+                for f in fs
+                if f.endswith((".py", ".md", ".yaml"))
+            ]
+        )
+        for path in paths:
+            if os.path.abspath(path) == os.path.abspath(__file__):
+                continue
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if any(d in line for d in OUTSIDE_DOCUMENTS):
+                        found.append(f"{os.path.relpath(path, root)}:{n}")
+    assert not found, f"cites documents not in the repository: {found}"

@@ -1,4 +1,5 @@
-"""Argument checks shared by layers and losses: clear ``ValueError``s."""
+"""Argument checks shared by layers, losses, weightings and memories: one
+home, clear ``ValueError``s that name the argument (NaN is refused too)."""
 
 import numpy as np
 
@@ -16,3 +17,39 @@ def check_int(name, value, minimum=1):
             f"{name}={value!r}."
         )
     return int(value)
+
+
+def _is_number(value):
+    return not isinstance(value, bool) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
+
+
+def check_non_negative(name, value):
+    """Returns ``float(value)``; raises ``ValueError`` naming the argument
+    unless ``value >= 0`` (None and NaN are refused)."""
+    if not _is_number(value) or not value >= 0:
+        raise ValueError(f"`{name}` must be >= 0; received {name}={value!r}.")
+    return float(value)
+
+
+def check_positive(name, value):
+    """Returns ``float(value)``; raises ``ValueError`` naming the argument
+    unless ``value > 0`` (None and NaN are refused)."""
+    if not _is_number(value) or not value > 0:
+        raise ValueError(f"`{name}` must be > 0; received {name}={value!r}.")
+    return float(value)
+
+
+def check_choice(name, value, choices):
+    """Returns ``value``; raises ``ValueError`` naming the argument and the
+    accepted values unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        try:
+            shown = sorted(choices)
+        except TypeError:  # e.g. None among strings
+            shown = list(choices)
+        raise ValueError(
+            f"`{name}` must be one of {shown}; received {name}={value!r}."
+        )
+    return value

@@ -1,4 +1,5 @@
-"""IAA: estimator, neighbour correction, synthesis, masks, fit (seeds §2.7).
+"""IAA: estimator, neighbour correction, synthesis, masks, fit
+(IEEE TMM 2023, arXiv 2211.16264; docs/training_methods.md, section IAA).
 
 NumPy float64 references are written here from the paper's equations
 (Fu et al., IEEE TMM 2023, Eq. 7-17) and never import tfdml.
@@ -123,7 +124,7 @@ def fitted_estimator(num_classes=4, dim=DIM, seed=0, **kwargs):
 
 
 class SimContrastive(PairLoss):
-    """IAA code's similarity-form contrastive loss (seeds §2.4), used when
+    """Similarity-form contrastive loss of IAA's official code, used when
     tfdml.losses.ContrastiveLoss is not available."""
 
     def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **ctx):

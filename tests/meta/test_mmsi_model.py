@@ -327,3 +327,15 @@ def test_weights_mode_argument_and_round_trip():
     model = MMSIModel(enc, num_classes=4, weights_mode="random_sparse")
     clone = MMSIModel.from_config(model.get_config())
     assert clone.weights_mode == "random_sparse"
+
+
+def test_multi_hot_labels_are_refused_with_a_clear_message():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 6)).astype("float32")
+    multi = (rng.uniform(size=(12, 4)) < 0.5).astype("float32")
+    ids = np.repeat(np.arange(4), 3).astype("int32")
+    model = MMSIModel(dense_encoder(), num_classes=4)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    for train_y, val_y, name in ((multi, ids, "y"), (ids, multi, "y_val")):
+        with pytest.raises(ValueError, match=f"{name} of shape .*multi-hot"):
+            model.train_step(((x, train_y), (x, val_y)))

@@ -28,6 +28,7 @@ import dataclasses
 import numpy as np
 
 from tfdml.eval.metrics import _prepare
+from tfdml.validation import check_int
 
 MODES = ("pairs", "nearest")
 METRICS = ("f1",)
@@ -271,11 +272,8 @@ def calibrate(
                 f"{target_precision!r}."
             )
         target_precision = float(target_precision)
-    for name, v in (("max_pairs", max_pairs), ("block_size", block_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(
-                f"`{name}` must be an integer >= 1; received {v!r}."
-            )
+    check_int("max_pairs", max_pairs)
+    check_int("block_size", block_size)
     scores, rel, sampled = _scores(
         query_embeddings,
         query_labels,

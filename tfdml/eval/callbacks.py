@@ -10,6 +10,7 @@ from keras import callbacks
 
 from tfdml.eval.embed import embed
 from tfdml.eval.metrics import retrieval_metrics
+from tfdml.validation import check_int
 
 
 class RetrievalEvaluationCallback(callbacks.Callback):
@@ -98,14 +99,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         ):
             if v is None and name == "every_n_steps":
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise ValueError(
-                    f"`{name}` must be an integer >= 1; received {v!r}."
-                )
-            if v < 1:
-                raise ValueError(
-                    f"`{name}` must be an integer >= 1; received {v!r}."
-                )
+            check_int(name, v)
         if isinstance(dataset_or_arrays, tf.data.Dataset):
             self._ds = dataset_or_arrays
             self._x = self._y = None

@@ -46,29 +46,9 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml.mining import base as mining_base
-
-
-def check_non_negative(name, value):
-    """Raises ``ValueError`` naming the argument when ``value < 0``."""
-    if value is None or value < 0:
-        raise ValueError(f"`{name}` must be >= 0; received {name}={value!r}.")
-    return float(value)
-
-
-def check_positive(name, value):
-    """Raises ``ValueError`` naming the argument when ``value <= 0``."""
-    if value is None or value <= 0:
-        raise ValueError(f"`{name}` must be > 0; received {name}={value!r}.")
-    return float(value)
-
-
-def check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {sorted(choices)}; received "
-            f"{name}={value!r}."
-        )
-    return value
+from tfdml.validation import check_choice  # noqa: F401 (re-export)
+from tfdml.validation import check_non_negative  # noqa: F401
+from tfdml.validation import check_positive  # noqa: F401
 
 
 def _float_labels_message(name, bad=None):

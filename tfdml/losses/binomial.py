@@ -18,8 +18,8 @@ import tensorflow as tf
 from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import apply_pair_weights
-from tfdml.losses.base import check_choice
-from tfdml.losses.base import check_positive
+from tfdml.validation import check_choice
+from tfdml.validation import check_positive
 
 PAIR_REDUCTIONS = ("mean", "sum")
 

@@ -18,8 +18,8 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 
 def circle(

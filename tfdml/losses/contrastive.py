@@ -41,12 +41,12 @@ from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import apply_pair_weights
 from tfdml.losses.base import as_references
-from tfdml.losses.base import check_choice
 from tfdml.losses.base import check_inputs
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.losses.base import unpack_references
+from tfdml.validation import check_choice
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 PAIR_REDUCTIONS = ("avg_nonzero", "sum", "mean", "pml")
 _DEFAULTS = {

@@ -34,9 +34,9 @@ from tfdml import ops
 from tfdml import registry
 from tfdml import weighting as weighting_lib
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_choice
 from tfdml.mining.basic import ThresholdMiner
 from tfdml.mining.multi_similarity import MultiSimilarityMiner
+from tfdml.validation import check_choice
 from tfdml.weighting.basic import ConstantWeighting
 from tfdml.weighting.binomial import BinomialWeighting
 from tfdml.weighting.lifted import LiftedWeighting

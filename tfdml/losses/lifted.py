@@ -36,8 +36,8 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_choice
-from tfdml.losses.base import check_non_negative
+from tfdml.validation import check_choice
+from tfdml.validation import check_non_negative
 
 FORMS = ("song", "generalized")
 

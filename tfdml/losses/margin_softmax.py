@@ -14,12 +14,12 @@ import keras
 import tensorflow as tf
 
 from tfdml import registry
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
 from tfdml.losses.proxy import ProxyLoss
 from tfdml.losses.proxy import _check_count
 from tfdml.losses.proxy import class_mask
 from tfdml.losses.proxy import softmax_cross_entropy
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 
 def normalized_softmax(cos, labels, temperature=0.05):

@@ -65,9 +65,9 @@ from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
-from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.losses.base import unpack_references
+from tfdml.validation import check_positive
 from tfdml.weighting.osm_caa import CAAWeighting
 from tfdml.weighting.osm_caa import OSMWeighting
 from tfdml.weighting.osm_caa import gaussian_pdf

@@ -25,9 +25,9 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import check_labels
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
 from tfdml.losses.base import nan_if_not_finite
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 
 def _check_count(name, value, allow_none=True):

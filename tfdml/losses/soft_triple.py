@@ -7,13 +7,13 @@
 import tensorflow as tf
 
 from tfdml import registry
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
 from tfdml.losses.proxy import ProxyLoss
 from tfdml.losses.proxy import _check_count
 from tfdml.losses.proxy import class_mask
 from tfdml.losses.proxy import kaiming_uniform_sqrt5
 from tfdml.losses.proxy import softmax_cross_entropy
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 REG_EPSILON = 1e-5  # the authors' code: sqrt(2 + 1e-5 - 2 <w_t, w_s>)
 

@@ -49,7 +49,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_positive
+from tfdml.validation import check_positive
 
 
 def _weighted(z, pos_mask, neg_mask, pair_weights):

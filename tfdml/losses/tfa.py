@@ -47,11 +47,11 @@ from tfdml import registry
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
-from tfdml.losses.base import check_non_negative
 from tfdml.losses.base import nan_if_not_finite
 from tfdml.losses.base import unpack_references
 from tfdml.losses.lifted import lifted_structure_song
 from tfdml.mining.semi_hard import smallest_greater
+from tfdml.validation import check_non_negative
 
 METRICS = {
     "L2": "L2",

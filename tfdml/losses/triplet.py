@@ -42,8 +42,6 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_choice
-from tfdml.losses.base import check_non_negative
 from tfdml.losses.contrastive import PAIR_REDUCTIONS
 from tfdml.losses.contrastive import reduce_pairs
 from tfdml.mining.semi_hard import _in_xla
@@ -51,6 +49,8 @@ from tfdml.mining.semi_hard import dense_budget_ok
 from tfdml.mining.semi_hard import positive_slots
 from tfdml.mining.semi_hard import semi_hard_negatives
 from tfdml.mining.semi_hard import smallest_greater
+from tfdml.validation import check_choice
+from tfdml.validation import check_non_negative
 
 MININGS = ("all", "semi-hard", "hard")
 DISTANCES = ("euclidean", "cosine")

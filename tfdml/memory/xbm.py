@@ -67,6 +67,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import References
+from tfdml.validation import check_choice
 from tfdml.validation import check_int
 from tfdml.variables import state_variable
 
@@ -127,11 +128,7 @@ class CrossBatchMemory(keras.layers.Layer):
         self.dim = check_int("dim", dim)
         self.start_after = check_int("start_after", start_after, 0)
         self.memory_weight = _check_weight(memory_weight)
-        if memory_reduction not in MEMORY_REDUCTIONS:
-            raise ValueError(
-                f"`memory_reduction` must be one of {list(MEMORY_REDUCTIONS)}"
-                f"; received memory_reduction={memory_reduction!r}."
-            )
+        check_choice("memory_reduction", memory_reduction, MEMORY_REDUCTIONS)
         if memory_reduction == "joint" and self.memory_weight != 1.0:
             raise ValueError(
                 "`memory_weight` must be 1 with memory_reduction='joint' (one "

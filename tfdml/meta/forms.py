@@ -33,10 +33,10 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
-from tfdml.losses.base import check_non_negative
-from tfdml.losses.base import check_positive
 from tfdml.losses.multi_similarity import multi_similarity
 from tfdml.mining.multi_similarity import MultiSimilarityMiner
+from tfdml.validation import check_non_negative
+from tfdml.validation import check_positive
 
 _DUPLICATE = 1.0 - 1e-5  # positives with S >= this are exact duplicates
 

@@ -2,7 +2,7 @@
 
 Jiang et al., "Meta-Mining Strategy with Semi-global Information for Deep
 Metric Learning", IEEE TNNLS 2024 (official PyTorch code: ``trainer_MMSI.py``;
-tfdml spec: seeds.md §1).
+docs/training_methods.md, section MMSI).
 
 Per step, with a training batch ``(x, y)`` (P x K) and a validation batch
 ``(x_val, y_val)`` (a K = 1 resample of the *training* classes):
@@ -21,10 +21,11 @@ Per step, with a training batch ``(x, y)`` (P x K) and a validation batch
 Two ways to compute step 4 (``path``):
 
 * ``"nested"`` (the reference): literal nested ``GradientTape`` s with
-  ``keras.Model.stateless_call`` (stack.md §2);
+  ``keras.Model.stateless_call``;
 * ``"fast"`` (default): at ``w = 0`` the W-form gradient is exactly zero, so
   ``theta' = theta`` and ``-dL_g/dw_k = lr <grad L_g(theta), grad g_k>``
-  with ``g_k = dL_W/dw_k = a_k S_k + const`` (seeds.md §1.4). So one tape
+  with ``g_k = dL_W/dw_k = a_k S_k + const`` (docs/training_methods.md,
+  Nested vs fast path). So one tape
   gives ``v = grad L_g(theta)``, one ``tf.autodiff.ForwardAccumulator`` pass
   over the batch gives ``dS = JVP_v(S)`` and ``raw = lr a * dS``. The same
   forward pass is recorded by the tape of the real step. Both paths agree
@@ -52,20 +53,14 @@ from tfdml.memory.class_dictionary import ClassDictionary
 from tfdml.meta.forms import get_base
 from tfdml.models.dml_model import DMLModel
 from tfdml.models.dml_model import scale_loss_for_distribution
+from tfdml.validation import check_choice
+from tfdml.validation import check_int
+from tfdml.validation import check_positive
 
 NORMALIZATIONS = ("joint", "separate")
 WEIGHTS_MODES = ("meta", "ones", "random_sparse")
 FALLBACKS = ("skip", "uniform", "zeros")
 PATHS = ("fast", "nested")
-
-
-def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {list(choices)}; received "
-            f"{name}={value!r}."
-        )
-    return value
 
 
 def normalize_weights(raw, sel, normalization="joint", fallback="skip"):
@@ -86,8 +81,8 @@ def normalize_weights(raw, sel, normalization="joint", fallback="skip"):
       ``(w [B, M] in [0, 1], apply)``: ``apply`` is a scalar bool, False only
       for ``fallback="skip"`` when no weight is positive. Never NaN.
     """
-    _choice("normalization", normalization, NORMALIZATIONS)
-    _choice("fallback", fallback, FALLBACKS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("fallback", fallback, FALLBACKS)
     pos = tf.cast(sel["pos"], raw.dtype)
     neg = tf.cast(sel["neg"], raw.dtype)
     r = tf.nn.relu(raw) * (pos + neg)
@@ -287,7 +282,7 @@ def fast_raw_weights(
     virtual_lr=1e-5,
     ids=None,
 ):
-    """Closed form (seeds.md §1.4): ``raw = lr * a * JVP_v(S)``.
+    """Closed form of the meta weights: ``raw = lr * a * JVP_v(S)``.
 
     Single-call convenience for tests; :class:`MMSIModel` inlines the same
     computation so that the real step reuses the forward pass. Returns
@@ -392,29 +387,19 @@ class MMSIModel(DMLModel):
             )
         super().__init__(encoder, **kwargs)
         self.base_loss = get_base(base_loss)
-        self.meta_path = _choice("path", path, PATHS)
-        self.normalization = _choice(
+        self.meta_path = check_choice("path", path, PATHS)
+        self.normalization = check_choice(
             "normalization", normalization, NORMALIZATIONS
         )
-        self.fallback = _choice("fallback", fallback, FALLBACKS)
-        self.weights_mode = _choice("weights_mode", weights_mode, WEIGHTS_MODES)
+        self.fallback = check_choice("fallback", fallback, FALLBACKS)
+        self.weights_mode = check_choice(
+            "weights_mode", weights_mode, WEIGHTS_MODES
+        )
         self.weights_seed = int(weights_seed)
-        if virtual_lr is None or not virtual_lr > 0:
-            raise ValueError(
-                f"`virtual_lr` must be > 0; received virtual_lr={virtual_lr!r}."
-            )
-        self.virtual_lr = float(virtual_lr)
-        if (
-            isinstance(min_classes_before_update, bool)
-            or not isinstance(min_classes_before_update, (int, np.integer))
-            or min_classes_before_update < 0
-        ):
-            raise ValueError(
-                "`min_classes_before_update` must be an integer >= 0; "
-                "received min_classes_before_update="
-                f"{min_classes_before_update!r}."
-            )
-        self.min_classes_before_update = int(min_classes_before_update)
+        self.virtual_lr = check_positive("virtual_lr", virtual_lr)
+        self.min_classes_before_update = check_int(
+            "min_classes_before_update", min_classes_before_update, 0
+        )
         if dictionary is None:
             if num_classes is None:
                 raise ValueError(
@@ -475,6 +460,17 @@ class MMSIModel(DMLModel):
         x_val, y_val, _ = keras.utils.unpack_x_y_sample_weight(data[1])
         if y is None or y_val is None:
             raise ValueError("MMSIModel needs labels for both batches.")
+        for name, lab in (("y", y), ("y_val", y_val)):
+            shape = tf.convert_to_tensor(lab).shape
+            if shape.rank is not None and (
+                shape.rank > 2 or (shape.rank == 2 and shape[-1] != 1)
+            ):
+                raise ValueError(
+                    "MMSIModel takes integer class ids [batch] (its class "
+                    "dictionary keeps features per class); received "
+                    f"{name} of shape {shape} (multi-hot labels are not "
+                    "supported: use DMLModel with a pair loss)."
+                )
         base = self.base_loss
         tv, ntv = self._snapshot()
         replicas = self.distribute_strategy.num_replicas_in_sync

@@ -10,6 +10,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.mining.base import Miner
+from tfdml.validation import check_non_negative
 
 
 @registry.register
@@ -22,11 +23,7 @@ class MultiSimilarityMiner(Miner):
     """
 
     def __init__(self, epsilon=0.1, drop_duplicate_positives=True):
-        if epsilon is None or epsilon < 0:
-            raise ValueError(
-                f"`epsilon` must be >= 0; received epsilon={epsilon!r}."
-            )
-        self.epsilon = float(epsilon)
+        self.epsilon = check_non_negative("epsilon", epsilon)
         self.drop_duplicate_positives = bool(drop_duplicate_positives)
 
     def __call__(self, sim, pos_mask, neg_mask):

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tfdml import ops
 from tfdml import registry
 from tfdml.mining.base import Miner
+from tfdml.validation import check_non_negative
 
 _BIG = -ops.NEG_INF
 
@@ -218,10 +219,7 @@ class SemiHardMiner(Miner):
     """
 
     def __init__(self, margin=0.2, form="distance"):
-        if margin is None or margin < 0:
-            raise ValueError(
-                f"`margin` must be >= 0; received margin={margin!r}."
-            )
+        check_non_negative("margin", margin)
         if form not in ("similarity", "distance"):
             raise ValueError(
                 "`form` must be 'similarity' or 'distance'; received "

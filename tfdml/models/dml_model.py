@@ -80,6 +80,7 @@ from tfdml.distribute import all_gather
 from tfdml.losses.base import PairLoss
 from tfdml.losses.base import References
 from tfdml.losses.proxy import ProxyLoss
+from tfdml.validation import check_non_negative
 
 try:  # Keras 3 keeps these helpers outside the public API.
     from keras.src.losses.loss import scale_loss_for_distribution
@@ -161,11 +162,9 @@ class DMLModel(keras.Model):
                 "`augmenter` must provide a synthesize(...) method; "
                 f"received augmenter={augmenter!r}."
             )
-        if classification_loss_weight is None or classification_loss_weight < 0:
-            raise ValueError(
-                "`classification_loss_weight` must be >= 0; received "
-                f"classification_loss_weight={classification_loss_weight!r}."
-            )
+        check_non_negative(
+            "classification_loss_weight", classification_loss_weight
+        )
         self.encoder = encoder
         self.memory = memory
         self.augmenter = augmenter

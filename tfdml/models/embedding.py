@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfdml import registry
+from tfdml.validation import check_choice
+from tfdml.validation import check_positive
 
 BACKBONES = ("small_cnn", "resnet50", "inception_v3", "efficientnet_b0")
 POOLINGS = ("avg", "max", "avgmax", "gem")
@@ -53,12 +55,7 @@ class BackbonePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode="none", to_rgb=False, **kwargs):
         super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(
-                f"`mode` must be one of {list(self.MODES)}; received "
-                f"mode={mode!r}."
-            )
-        self.mode = mode
+        self.mode = check_choice("mode", mode, self.MODES)
         self.to_rgb = bool(to_rgb)
 
     def call(self, x):
@@ -107,15 +104,9 @@ class GeneralizedMeanPooling(keras.layers.Layer):
 
     def __init__(self, p=3.0, trainable_p=True, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
-        if p is None or p <= 0:
-            raise ValueError(f"`p` must be > 0; received p={p!r}.")
-        if epsilon is None or epsilon <= 0:
-            raise ValueError(
-                f"`epsilon` must be > 0; received epsilon={epsilon!r}."
-            )
-        self.initial_p = float(p)
+        self.initial_p = check_positive("p", p)
         self.trainable_p = bool(trainable_p)
-        self.epsilon = float(epsilon)
+        self.epsilon = check_positive("epsilon", epsilon)
         self.p = self.add_weight(
             shape=(),
             initializer=keras.initializers.Constant(self.initial_p),

@@ -12,6 +12,7 @@ the chain rule (``dS/dD = -D``).
 import tensorflow as tf
 
 from tfdml import registry
+from tfdml.validation import check_choice
 from tfdml.weighting.base import Weighting
 
 SPACES = ("similarity", "distance")
@@ -45,15 +46,6 @@ def check_number(name, value, low=None, strict=False):
         op = ">" if strict else ">="
         raise ValueError(
             f"`{name}` must be {op} {low}; received {name}={value!r}."
-        )
-    return value
-
-
-def check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(
-            f"`{name}` must be one of {list(choices)}; received "
-            f"{name}={value!r}."
         )
     return value
 

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
+from tfdml.validation import check_choice
 from tfdml.weighting.base import Weighting
-from tfdml.weighting.basic import check_choice
 from tfdml.weighting.basic import check_number
 from tfdml.weighting.basic import finish
 
