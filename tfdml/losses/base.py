@@ -36,12 +36,16 @@ non-integral float label makes the loss NaN instead, which the training loop
 reports as a non-finite loss.
 """
 
+from __future__ import annotations
+
 import warnings
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
@@ -305,13 +309,23 @@ class PairLoss(keras.losses.Loss):
         ``dtype``).
     """
 
-    def __init__(self, miner=None, normalize=True, **kwargs):
+    def __init__(
+        self,
+        miner: mining_base.Miner | str | Mapping[str, Any] | None = None,
+        normalize: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.miner = mining_base.get(miner)
         self.normalize = bool(normalize)
 
     # -- Keras entry point -------------------------------------------------
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         # Validate before Keras converts y_true to the loss dtype; pass the
         # grouping (first positions < B), which float32 holds exactly.
         labels, checked = check_labels(y_true, y_pred)
@@ -322,20 +336,24 @@ class PairLoss(keras.losses.Loss):
             first_position(labels), checked, sample_weight=sample_weight
         )
 
-    def call(self, y_true, y_pred):
+    def call(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         return self.per_anchor(y_pred, y_true)
 
     # -- functional entry point --------------------------------------------
     def per_anchor(
         self,
-        embeddings,
-        labels,
-        refs=None,
-        ids=None,
-        pair_weights=None,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        refs: References | None = None,
+        ids: tf.Tensor | npt.ArrayLike | None = None,
+        pair_weights: tf.Tensor | None = None,
         *legacy,
         **context,
-    ):
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` against an optional reference set.
 
         Args:
@@ -370,17 +388,28 @@ class PairLoss(keras.losses.Loss):
         )
         return nan_if_not_finite(loss, embeddings, ref_embeddings)
 
-    def similarity(self, embeddings, ref_embeddings=None):
+    def similarity(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        ref_embeddings: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         """The ``[B, M]`` similarity matrix (cosine by default)."""
         return ops.cosine_similarity(
             embeddings, ref_embeddings, normalize=self.normalize
         )
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` from the pair contract."""
         raise NotImplementedError
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             {
@@ -391,7 +420,7 @@ class PairLoss(keras.losses.Loss):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> PairLoss:
         config = dict(config)
         if isinstance(config.get("miner"), dict):
             config["miner"] = keras.saving.deserialize_keras_object(

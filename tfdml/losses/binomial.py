@@ -13,6 +13,10 @@ With ``m_ij = 1`` for positives and ``-C`` for negatives, each pair costs
 per anchor) or the sums (``"sum"``). A polarity without pairs contributes 0.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import registry
@@ -25,16 +29,16 @@ PAIR_REDUCTIONS = ("mean", "sum")
 
 
 def binomial_deviance(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    alpha=2.0,
-    beta=0.5,
-    cost=25.0,
-    pair_reduction="mean",
-):
+    alpha: float = 2.0,
+    beta: float = 0.5,
+    cost: float = 25.0,
+    pair_reduction: str = "mean",
+) -> tf.Tensor:
     """Per-anchor binomial deviance ``[B]``; ``pair_weights`` multiply
     each pair's term."""
     sim = tf.cast(sim, tf.float32)
@@ -77,11 +81,11 @@ class BinomialDevianceLoss(PairLoss):
 
     def __init__(
         self,
-        alpha=2.0,
-        beta=0.5,
-        cost=25.0,
-        pair_reduction="mean",
-        name="binomial_deviance_loss",
+        alpha: float = 2.0,
+        beta: float = 0.5,
+        cost: float = 25.0,
+        pair_reduction: str = "mean",
+        name: str = "binomial_deviance_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -92,7 +96,14 @@ class BinomialDevianceLoss(PairLoss):
             "pair_reduction", pair_reduction, PAIR_REDUCTIONS
         )
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return binomial_deviance(
             sim,
             pos_mask,
@@ -104,7 +115,7 @@ class BinomialDevianceLoss(PairLoss):
             pair_reduction=self.pair_reduction,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             alpha=self.alpha,

@@ -13,6 +13,10 @@ self-pair by the diagonal and its mean reduction only averages anchors with a
 non-zero loss). An anchor without positives or negatives gives 0.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -23,15 +27,15 @@ from tfdml.validation import check_positive
 
 
 def circle(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    margin=0.25,
-    gamma=256.0,
-    stop_weight_gradient=True,
-):
+    margin: float = 0.25,
+    gamma: float = 256.0,
+    stop_weight_gradient: bool = True,
+) -> tf.Tensor:
     """Per-anchor circle loss ``[B]``; ``pair_weights`` multiply each
     pair's ``exp`` term (added as ``log w`` to the logits)."""
     sim = tf.cast(sim, tf.float32)
@@ -81,10 +85,10 @@ class CircleLoss(PairLoss):
 
     def __init__(
         self,
-        margin=0.25,
-        gamma=256.0,
-        stop_weight_gradient=True,
-        name="circle_loss",
+        margin: float = 0.25,
+        gamma: float = 256.0,
+        stop_weight_gradient: bool = True,
+        name: str = "circle_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -92,7 +96,14 @@ class CircleLoss(PairLoss):
         self.gamma = check_positive("gamma", gamma)
         self.stop_weight_gradient = bool(stop_weight_gradient)
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return circle(
             sim,
             pos_mask,
@@ -103,7 +114,7 @@ class CircleLoss(PairLoss):
             stop_weight_gradient=self.stop_weight_gradient,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             margin=self.margin,

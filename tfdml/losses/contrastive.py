@@ -32,13 +32,18 @@ negatives are reduced separately and added, as PML does):
   the mean over anchors equals PML's number.
 """
 
-import functools
+from __future__ import annotations
 
+import functools
+from typing import Any
+
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import References
 from tfdml.losses.base import apply_pair_weights
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
@@ -85,17 +90,17 @@ def reduce_pairs(values, mask, mode):
 
 
 def contrastive(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    pos_margin,
-    neg_margin,
-    form="distance",
-    power=1.0,
-    pair_reduction="avg_nonzero",
-):
+    pos_margin: float,
+    neg_margin: float,
+    form: str = "distance",
+    power: float = 1.0,
+    pair_reduction: str = "avg_nonzero",
+) -> tf.Tensor:
     """Per-anchor contrastive loss ``[B]`` from the pair contract.
 
     ``pair_weights`` multiply each pair's loss (weights on the loss term).
@@ -244,12 +249,12 @@ class ContrastiveLoss(PairLoss):
 
     def __init__(
         self,
-        pos_margin=None,
-        neg_margin=None,
-        form="distance",
-        power=1.0,
-        pair_reduction=None,
-        name="contrastive_loss",
+        pos_margin: float | None = None,
+        neg_margin: float | None = None,
+        form: str = "distance",
+        power: float = 1.0,
+        pair_reduction: str | None = None,
+        name: str = "contrastive_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -276,14 +281,14 @@ class ContrastiveLoss(PairLoss):
 
     def per_anchor(
         self,
-        embeddings,
-        labels,
-        refs=None,
-        ids=None,
-        pair_weights=None,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        refs: References | None = None,
+        ids: tf.Tensor | npt.ArrayLike | None = None,
+        pair_weights: tf.Tensor | None = None,
         *legacy,
         **context,
-    ):
+    ) -> tf.Tensor:
         """As :meth:`PairLoss.per_anchor`; without a miner and pair weights
         (and with the stock similarity and pair loss) it takes the fused
         path: one XLA program for masks, loss and ``d loss / d sim``
@@ -339,7 +344,14 @@ class ContrastiveLoss(PairLoss):
         loss = ops.similarity_loss(a, b, fwd)
         return nan_if_not_finite(loss, embeddings, ref_embeddings)
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return contrastive(
             sim,
             pos_mask,
@@ -352,7 +364,7 @@ class ContrastiveLoss(PairLoss):
             pair_reduction=self.pair_reduction,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             pos_margin=self.pos_margin,

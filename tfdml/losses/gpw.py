@@ -27,6 +27,11 @@ weighting that returns ``|∂L/∂S|`` of a loss ``L`` gives a surrogate with
 original loss (it can be negative).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import keras
 import tensorflow as tf
 
@@ -34,9 +39,11 @@ from tfdml import ops
 from tfdml import registry
 from tfdml import weighting as weighting_lib
 from tfdml.losses.base import PairLoss
+from tfdml.mining.base import Miner
 from tfdml.mining.basic import ThresholdMiner
 from tfdml.mining.multi_similarity import MultiSimilarityMiner
 from tfdml.validation import check_choice
+from tfdml.weighting.base import Weighting
 from tfdml.weighting.basic import ConstantWeighting
 from tfdml.weighting.binomial import BinomialWeighting
 from tfdml.weighting.lifted import LiftedWeighting
@@ -62,8 +69,14 @@ def convert_weights(w, dist, source, target):
 
 
 def general_pair_weighting(
-    sim, pos_mask, neg_mask, w_pos, w_neg, *, distance="cosine"
-):
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    w_pos: tf.Tensor,
+    w_neg: tf.Tensor,
+    *,
+    distance: str = "cosine",
+) -> tf.Tensor:
     """Per-anchor GPW surrogate ``[B]`` for given (already stopped) weights
     expressed in the space of ``distance``."""
     sim = tf.cast(sim, tf.float32)
@@ -105,10 +118,10 @@ class GeneralPairWeightingLoss(PairLoss):
 
     def __init__(
         self,
-        miner=None,
-        weighting=None,
-        distance="cosine",
-        name="general_pair_weighting_loss",
+        miner: Miner | str | Mapping[str, Any] | None = None,
+        weighting: Weighting | str | Mapping[str, Any] | None = None,
+        distance: str = "cosine",
+        name: str = "general_pair_weighting_loss",
         **kwargs,
     ):
         super().__init__(miner=miner, name=name, **kwargs)
@@ -119,7 +132,14 @@ class GeneralPairWeightingLoss(PairLoss):
         self.weighting = weighting_lib.get(weighting)
         self.distance = check_choice("distance", distance, DISTANCES)
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         sim = tf.cast(sim, tf.float32)
         pos_mask = tf.cast(pos_mask, tf.bool)
         neg_mask = tf.cast(neg_mask, tf.bool)
@@ -135,7 +155,7 @@ class GeneralPairWeightingLoss(PairLoss):
             sim, pos_mask, neg_mask, w_pos, w_neg, distance=self.distance
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             weighting=keras.saving.serialize_keras_object(self.weighting),
@@ -144,7 +164,7 @@ class GeneralPairWeightingLoss(PairLoss):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> GeneralPairWeightingLoss:
         config = dict(config)
         if isinstance(config.get("weighting"), dict):
             config["weighting"] = keras.saving.deserialize_keras_object(
@@ -156,14 +176,14 @@ class GeneralPairWeightingLoss(PairLoss):
     @classmethod
     def multi_similarity(
         cls,
-        alpha=2.0,
-        beta=40.0,
-        base=0.5,
-        epsilon=0.1,
-        coefficient=1.0,
-        distance="cosine",
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        coefficient: float = 1.0,
+        distance: str = "cosine",
         **kwargs,
-    ):
+    ) -> GeneralPairWeightingLoss:
         """Gradient of :class:`tfdml.losses.MultiSimilarityLoss` (same
         arguments; ``epsilon=None`` disables mining as there)."""
         miner = MultiSimilarityMiner(
@@ -177,12 +197,12 @@ class GeneralPairWeightingLoss(PairLoss):
     @classmethod
     def contrastive(
         cls,
-        pos_margin=None,
-        neg_margin=None,
-        form="distance",
-        pair_reduction=None,
+        pos_margin: float | None = None,
+        neg_margin: float | None = None,
+        form: str = "distance",
+        pair_reduction: str | None = None,
         **kwargs,
-    ):
+    ) -> GeneralPairWeightingLoss:
         """Gradient of :class:`tfdml.losses.ContrastiveLoss` with
         ``power=1`` and ``pair_reduction`` ``"avg_nonzero"`` or ``"sum"``
         (defaults as there: distance form 0 / 1 / avg_nonzero, similarity
@@ -210,26 +230,28 @@ class GeneralPairWeightingLoss(PairLoss):
     @classmethod
     def binomial(
         cls,
-        alpha=2.0,
-        beta=0.5,
-        cost=25.0,
-        pair_reduction="mean",
-        distance="cosine",
+        alpha: float = 2.0,
+        beta: float = 0.5,
+        cost: float = 25.0,
+        pair_reduction: str = "mean",
+        distance: str = "cosine",
         **kwargs,
-    ):
+    ) -> GeneralPairWeightingLoss:
         """Gradient of :class:`tfdml.losses.BinomialDevianceLoss`."""
         weighting = BinomialWeighting(alpha, beta, cost, pair_reduction)
         return cls(weighting=weighting, distance=distance, **kwargs)
 
     @classmethod
-    def lifted(cls, neg_margin=1.0, pos_margin=0.0, **kwargs):
+    def lifted(
+        cls, neg_margin: float = 1.0, pos_margin: float = 0.0, **kwargs
+    ) -> GeneralPairWeightingLoss:
         """Gradient of ``LiftedStructureLoss(form="generalized")``."""
         weighting = LiftedWeighting(neg_margin, pos_margin)
         kwargs.setdefault("distance", "euclidean")
         return cls(weighting=weighting, **kwargs)
 
     @classmethod
-    def from_preset(cls, preset, **kwargs):
+    def from_preset(cls, preset: str, **kwargs) -> GeneralPairWeightingLoss:
         """``preset`` in ``{"multi_similarity", "contrastive", "binomial",
         "lifted"}``; ``kwargs`` go to that preset."""
         presets = ("multi_similarity", "contrastive", "binomial", "lifted")

@@ -31,6 +31,10 @@ two ends have no negative contributes 0 (the log of an empty sum is -inf).
 (0 for an anchor without positives or negatives; mean over anchors).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -48,8 +52,14 @@ def _log_weights(w, mask):
 
 
 def lifted_structure_song(
-    dist, pos_mask, neg_mask, pair_weights=None, *, neg_margin, pos_margin=0.0
-):
+    dist: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
+    *,
+    neg_margin: float,
+    pos_margin: float = 0.0,
+) -> tf.Tensor:
     """Per-anchor share ``[B]`` of Song et al.'s Eq. 4 on distances ``D``.
 
     ``pair_weights`` multiply each positive pair's squared hinge.
@@ -75,8 +85,14 @@ def lifted_structure_song(
 
 
 def lifted_structure_generalized(
-    dist, pos_mask, neg_mask, pair_weights=None, *, neg_margin, pos_margin=0.0
-):
+    dist: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
+    *,
+    neg_margin: float,
+    pos_margin: float = 0.0,
+) -> tf.Tensor:
     """Per-anchor generalised lifted structure loss ``[B]``."""
     dist = tf.cast(dist, tf.float32)
     pos_mask = tf.cast(pos_mask, tf.bool)
@@ -118,10 +134,10 @@ class LiftedStructureLoss(PairLoss):
 
     def __init__(
         self,
-        neg_margin=1.0,
-        pos_margin=0.0,
-        form="song",
-        name="lifted_structure_loss",
+        neg_margin: float = 1.0,
+        pos_margin: float = 0.0,
+        form: str = "song",
+        name: str = "lifted_structure_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -129,7 +145,14 @@ class LiftedStructureLoss(PairLoss):
         self.pos_margin = check_non_negative("pos_margin", pos_margin)
         self.form = check_choice("form", form, FORMS)
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         dist = ops.distance_from_similarity(tf.cast(sim, tf.float32))
         fn = (
             lifted_structure_song
@@ -145,7 +168,7 @@ class LiftedStructureLoss(PairLoss):
             pos_margin=self.pos_margin,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             neg_margin=self.neg_margin,

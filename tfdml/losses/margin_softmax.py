@@ -8,9 +8,14 @@ returns the softmax cross-entropy per anchor over the logits below, with
 ``cos`` the cosine between the L2-normalised embedding and class weight.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import keras
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import registry
@@ -55,10 +60,12 @@ def arcface(cos, labels, num_classes, margin=0.5, scale=64.0):
 
 
 class _MarginSoftmax(ProxyLoss):
-    def default_initializer(self):
+    def default_initializer(self) -> keras.initializers.Initializer:
         return keras.initializers.RandomNormal(stddev=0.01)
 
-    def class_cosine(self, embeddings, proxies):
+    def class_cosine(
+        self, embeddings: tf.Tensor | npt.ArrayLike, proxies: tf.Tensor
+    ) -> tf.Tensor:
         return self.similarities(embeddings, proxies)[:, :, 0]
 
 
@@ -76,11 +83,14 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        temperature=0.05,
-        initializer=None,
-        name="normalized_softmax_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        temperature: float = 0.05,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "normalized_softmax_loss",
         **kwargs,
     ):
         self.temperature = check_positive("temperature", temperature)
@@ -88,11 +98,17 @@ class NormalizedSoftmaxLoss(_MarginSoftmax):
             num_classes, embedding_dim, initializer, name=name, **kwargs
         )
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         cos = self.class_cosine(embeddings, proxies)
         return normalized_softmax(cos, labels, self.temperature)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(temperature=self.temperature)
         return config
@@ -112,12 +128,15 @@ class CosFaceLoss(_MarginSoftmax):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        margin=0.35,
-        scale=64.0,
-        initializer=None,
-        name="cosface_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        margin: float = 0.35,
+        scale: float = 64.0,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "cosface_loss",
         **kwargs,
     ):
         self.margin = check_non_negative("margin", margin)
@@ -126,11 +145,17 @@ class CosFaceLoss(_MarginSoftmax):
             num_classes, embedding_dim, initializer, name=name, **kwargs
         )
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         cos = self.class_cosine(embeddings, proxies)
         return cosface(cos, labels, self.num_classes, self.margin, self.scale)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin, scale=self.scale)
         return config
@@ -153,12 +178,15 @@ class ArcFaceLoss(_MarginSoftmax):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        margin=0.5,
-        scale=64.0,
-        initializer=None,
-        name="arcface_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "arcface_loss",
         **kwargs,
     ):
         self.margin = check_non_negative("margin", margin)
@@ -172,11 +200,17 @@ class ArcFaceLoss(_MarginSoftmax):
             num_classes, embedding_dim, initializer, name=name, **kwargs
         )
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         cos = self.class_cosine(embeddings, proxies)
         return arcface(cos, labels, self.num_classes, self.margin, self.scale)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin, scale=self.scale)
         return config
@@ -196,13 +230,16 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        sub_centers=3,
-        margin=0.5,
-        scale=64.0,
-        initializer=None,
-        name="sub_center_arcface_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        sub_centers: int = 3,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "sub_center_arcface_loss",
         **kwargs,
     ):
         self.proxies_per_class = _check_count("sub_centers", sub_centers, False)
@@ -220,10 +257,12 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
     def sub_centers(self):
         return self.proxies_per_class
 
-    def class_cosine(self, embeddings, proxies):
+    def class_cosine(
+        self, embeddings: tf.Tensor | npt.ArrayLike, proxies: tf.Tensor
+    ) -> tf.Tensor:
         return tf.reduce_max(self.similarities(embeddings, proxies), axis=2)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(sub_centers=self.sub_centers)
         return config

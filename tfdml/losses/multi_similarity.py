@@ -15,28 +15,34 @@ negative scale ``scale_neg = 40``; here ``alpha`` is the positive scale and
 ``beta`` the negative one, the MS paper's convention.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.mining.base import Miner
 from tfdml.mining.multi_similarity import MultiSimilarityMiner
 from tfdml.validation import check_non_negative
 from tfdml.validation import check_positive
 
 
 def multi_similarity(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    alpha,
-    beta,
-    base,
-    coefficient=1.0,
-    weights_on_similarity=False,
-):
+    alpha: float,
+    beta: float,
+    base: float,
+    coefficient: float = 1.0,
+    weights_on_similarity: bool = False,
+) -> tf.Tensor:
     """Per-anchor MS loss ``[B]`` on already-mined masks.
 
     ``pair_weights`` multiply each pair's term inside the sum, or, with
@@ -90,14 +96,14 @@ class MultiSimilarityLoss(PairLoss):
 
     def __init__(
         self,
-        alpha=2.0,
-        beta=40.0,
-        base=0.5,
-        epsilon=0.1,
-        coefficient=1.0,
-        weights_on_similarity=False,
-        miner=None,
-        name="multi_similarity_loss",
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        coefficient: float = 1.0,
+        weights_on_similarity: bool = False,
+        miner: Miner | str | Mapping[str, Any] | None = None,
+        name: str = "multi_similarity_loss",
         **kwargs,
     ):
         self.epsilon = (
@@ -114,7 +120,14 @@ class MultiSimilarityLoss(PairLoss):
         self.coefficient = check_positive("coefficient", coefficient)
         self.weights_on_similarity = bool(weights_on_similarity)
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return multi_similarity(
             sim,
             pos_mask,
@@ -127,7 +140,7 @@ class MultiSimilarityLoss(PairLoss):
             weights_on_similarity=self.weights_on_similarity,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             alpha=self.alpha,

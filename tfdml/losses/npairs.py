@@ -19,11 +19,15 @@ inner products of unnormalised embeddings plus an L2 penalty on them: use
 ``normalize=False`` and add the penalty as a Keras regulariser for that.
 """
 
+from __future__ import annotations
+
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import References
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_labels
 from tfdml.losses.base import unpack_references
@@ -57,7 +61,14 @@ def first_of_each_class(labels, valid=None):
     return tf.gather(is_first, tf.math.invert_permutation(order))
 
 
-def npairs(sim, pos_mask, neg_mask, pair_weights=None, *, representative=None):
+def npairs(
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
+    *,
+    representative: tf.Tensor | None = None,
+) -> tf.Tensor:
     """Per-anchor N-pair loss ``[B]``.
 
     Args:
@@ -100,19 +111,19 @@ class NPairsLoss(PairLoss):
     takes a similarity matrix) see :class:`tfdml.losses.NpairsLoss`.
     """
 
-    def __init__(self, name="npairs_loss", **kwargs):
+    def __init__(self, name: str = "npairs_loss", **kwargs):
         super().__init__(name=name, **kwargs)
 
     def per_anchor(
         self,
-        embeddings,
-        labels,
-        refs=None,
-        ids=None,
-        pair_weights=None,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        refs: References | None = None,
+        ids: tf.Tensor | npt.ArrayLike | None = None,
+        pair_weights: tf.Tensor | None = None,
         *legacy,
         **context,
-    ):
+    ) -> tf.Tensor:
         refs, ids, pair_weights = as_references(
             refs, ids, context, pair_weights, legacy
         )
@@ -131,13 +142,13 @@ class NPairsLoss(PairLoss):
 
     def pair_loss(
         self,
-        sim,
-        pos_mask,
-        neg_mask,
-        pair_weights=None,
-        representative=None,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        representative: tf.Tensor | None = None,
         **context,
-    ):
+    ) -> tf.Tensor:
         return npairs(
             sim, pos_mask, neg_mask, pair_weights, representative=representative
         )

@@ -58,11 +58,17 @@ dict-output model, so nest the dict one level::
 probabilities raise ``ValueError``.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import References
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
 from tfdml.losses.base import nan_if_not_finite
@@ -74,18 +80,18 @@ from tfdml.weighting.osm_caa import gaussian_pdf
 
 
 def weighted_contrastive(
-    dist,
-    pos_mask,
-    neg_mask,
-    attention=None,
-    pair_weights=None,
+    dist: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    attention: tf.Tensor | None = None,
+    pair_weights: tf.Tensor | None = None,
     *,
-    margin=1.2,
-    sigma=0.8,
-    lambda_=0.5,
-    official_code=False,
-    multiplicity=1.0,
-):
+    margin: float = 1.2,
+    sigma: float = 0.8,
+    lambda_: float = 0.5,
+    official_code: bool = False,
+    multiplicity: float = 1.0,
+) -> tf.Tensor:
     """Per-anchor OSM(+CAA) weighted contrastive loss ``[B]``.
 
     ``dist`` ``[B, M]`` Euclidean distances, ``attention`` ``[B, M]`` CAA
@@ -184,15 +190,15 @@ class WeightedContrastiveLoss(PairLoss):
 
     def __init__(
         self,
-        margin=1.2,
-        sigma=0.8,
-        lambda_=0.5,
-        caa_mu=1.0,
-        caa_sigma=0.68,
-        caa_combine="min",
-        use_caa=True,
-        official_code=False,
-        name="weighted_contrastive_loss",
+        margin: float = 1.2,
+        sigma: float = 0.8,
+        lambda_: float = 0.5,
+        caa_mu: float = 1.0,
+        caa_sigma: float = 0.68,
+        caa_combine: str = "min",
+        use_caa: bool = True,
+        official_code: bool = False,
+        name: str = "weighted_contrastive_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -208,7 +214,12 @@ class WeightedContrastiveLoss(PairLoss):
         self.official_code = bool(official_code)
 
     # -- Keras entry point: y_pred may be {"embeddings", "logits"} ----------
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         if isinstance(y_pred, dict):
             if "embeddings" not in y_pred:
                 raise ValueError(
@@ -221,7 +232,11 @@ class WeightedContrastiveLoss(PairLoss):
             )
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def call(self, y_true, y_pred):
+    def call(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         if not isinstance(y_pred, dict):
             return self.per_anchor(y_pred, y_true)
         emb = y_pred["embeddings"]
@@ -234,14 +249,14 @@ class WeightedContrastiveLoss(PairLoss):
 
     def per_anchor(
         self,
-        embeddings,
-        labels,
-        refs=None,
-        ids=None,
-        pair_weights=None,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        refs: References | None = None,
+        ids: tf.Tensor | npt.ArrayLike | None = None,
+        pair_weights: tf.Tensor | None = None,
         *legacy,
         **context,
-    ):
+    ) -> tf.Tensor:
         refs, ids, pair_weights = as_references(
             refs, ids, context, pair_weights, legacy
         )
@@ -294,16 +309,16 @@ class WeightedContrastiveLoss(PairLoss):
 
     def pair_loss(
         self,
-        sim,
-        pos_mask,
-        neg_mask,
-        pair_weights=None,
-        distance=None,
-        multiplicity=None,
-        probs=None,
-        ref_probs=None,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        distance: tf.Tensor | None = None,
+        multiplicity: float | None = None,
+        probs: tf.Tensor | None = None,
+        ref_probs: tf.Tensor | None = None,
         **context,
-    ):
+    ) -> tf.Tensor:
         if distance is None:
             distance = ops.distance_from_similarity(tf.cast(sim, tf.float32))
         square = sim.shape[0] is not None and sim.shape[0] == sim.shape[1]
@@ -343,7 +358,7 @@ class WeightedContrastiveLoss(PairLoss):
             multiplicity=multiplicity,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             margin=self.margin,

@@ -18,8 +18,14 @@ labels) or ``InvalidArgumentError`` (run time; under XLA, where asserts are
 compiled away, the loss becomes NaN). Multi-hot labels are rejected.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
@@ -58,10 +64,12 @@ class ProxyWeights(keras.layers.Layer):
 
     def __init__(
         self,
-        num_classes,
-        embedding_dim,
-        proxies_per_class=1,
-        initializer="random_normal",
+        num_classes: int,
+        embedding_dim: int,
+        proxies_per_class: int = 1,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer = "random_normal",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,7 +80,7 @@ class ProxyWeights(keras.layers.Layer):
         )
         self.initializer = keras.initializers.get(initializer)
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         self.proxies = self.add_weight(
             shape=(
                 self.num_classes * self.proxies_per_class,
@@ -84,10 +92,10 @@ class ProxyWeights(keras.layers.Layer):
             name="proxies",
         )
 
-    def call(self, inputs=None):
+    def call(self, inputs: Any = None) -> tf.Tensor:
         return self.proxies
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             num_classes=self.num_classes,
@@ -162,9 +170,12 @@ class ProxyLoss(keras.losses.Loss):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        initializer=None,
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -178,14 +189,16 @@ class ProxyLoss(keras.losses.Loss):
             self.build()
 
     # -- proxies -----------------------------------------------------------
-    def default_initializer(self):
+    def default_initializer(self) -> keras.initializers.Initializer:
         return keras.initializers.RandomNormal(stddev=1.0)
 
     @property
     def built(self):
         return self.proxy_layer is not None
 
-    def build(self, embedding_dim=None, num_classes=None):
+    def build(
+        self, embedding_dim: int | None = None, num_classes: int | None = None
+    ) -> None:
         """Creates the proxies (once). Sizes given here fill the ones left
         ``None`` at construction and must agree with the others."""
         for key, value in (
@@ -237,7 +250,12 @@ class ProxyLoss(keras.losses.Loss):
         return [] if self.proxy_layer is None else [self.proxy_layer.proxies]
 
     # -- Keras entry point -------------------------------------------------
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         y_pred = tf.convert_to_tensor(y_pred)
         if not self.built and y_pred.shape.rank == 2:
             self.build(embedding_dim=y_pred.shape[-1])
@@ -247,11 +265,19 @@ class ProxyLoss(keras.losses.Loss):
         # Keras converts y_true to the loss dtype: ids < 2**24 stay exact.
         return super().__call__(labels, checked, sample_weight=sample_weight)
 
-    def call(self, y_true, y_pred):
+    def call(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         return self.per_anchor(y_pred, y_true)
 
     # -- functional entry point --------------------------------------------
-    def per_anchor(self, embeddings, labels):
+    def per_anchor(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` (``embeddings [B, d]``, ``labels [B]``)."""
         embeddings = tf.convert_to_tensor(embeddings)
         if not self.built and embeddings.shape.rank == 2:
@@ -267,16 +293,24 @@ class ProxyLoss(keras.losses.Loss):
         )
         return nan_if_not_finite(loss, embeddings, proxies)
 
-    def similarities(self, embeddings, proxies):
+    def similarities(
+        self, embeddings: tf.Tensor | npt.ArrayLike, proxies: tf.Tensor
+    ) -> tf.Tensor:
         """``[B, C, K]`` cosine similarities (inputs already normalised)."""
         sim = tf.matmul(embeddings, proxies, transpose_b=True)
         return tf.reshape(sim, [-1, self.num_classes, self.proxies_per_class])
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` from unit embeddings and proxies."""
         raise NotImplementedError
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             num_classes=self.num_classes,
@@ -286,7 +320,7 @@ class ProxyLoss(keras.losses.Loss):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> ProxyLoss:
         return cls(**config)
 
 
@@ -361,12 +395,15 @@ class ProxyAnchorLoss(ProxyLoss):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        alpha=32.0,
-        delta=0.1,
-        initializer=None,
-        name="proxy_anchor_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        alpha: float = 32.0,
+        delta: float = 0.1,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "proxy_anchor_loss",
         **kwargs,
     ):
         self.alpha = check_positive("alpha", alpha)
@@ -375,21 +412,27 @@ class ProxyAnchorLoss(ProxyLoss):
             num_classes, embedding_dim, initializer, name=name, **kwargs
         )
 
-    def default_initializer(self):
+    def default_initializer(self) -> keras.initializers.Initializer:
         # kaiming_normal_(fan_out) on torch's [C, d] = std sqrt(2 / C); Keras
         # reads fan_in from shape[0] of a 2-D weight.
         return keras.initializers.VarianceScaling(
             2.0, mode="fan_in", distribution="untruncated_normal"
         )
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         sim = self.similarities(embeddings, proxies)[:, :, 0]
         loss = proxy_anchor(
             sim, labels, self.num_classes, self.alpha, self.delta
         )
         return tf.fill(tf.shape(labels), loss)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(alpha=self.alpha, delta=self.delta)
         return config
@@ -432,12 +475,15 @@ class ProxyNCALoss(ProxyLoss):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        temperature=1.0,
-        include_positive=False,
-        initializer=None,
-        name="proxy_nca_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        temperature: float = 1.0,
+        include_positive: bool = False,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "proxy_nca_loss",
         **kwargs,
     ):
         self.temperature = check_positive("temperature", temperature)
@@ -452,7 +498,13 @@ class ProxyNCALoss(ProxyLoss):
             num_classes, embedding_dim, initializer, name=name, **kwargs
         )
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         sim = self.similarities(embeddings, proxies)[:, :, 0]
         return proxy_nca(
             sim,
@@ -462,7 +514,7 @@ class ProxyNCALoss(ProxyLoss):
             self.include_positive,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             temperature=self.temperature,

@@ -4,6 +4,13 @@
 ``c * K ... c * K + K - 1`` of the proxies are class ``c``'s centres).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import registry
@@ -75,15 +82,18 @@ class SoftTripleLoss(ProxyLoss):
 
     def __init__(
         self,
-        num_classes=None,
-        embedding_dim=None,
-        centers_per_class=10,
-        la=20.0,
-        gamma=0.1,
-        margin=0.01,
-        tau=0.2,
-        initializer=None,
-        name="soft_triple_loss",
+        num_classes: int | None = None,
+        embedding_dim: int | None = None,
+        centers_per_class: int = 10,
+        la: float = 20.0,
+        gamma: float = 0.1,
+        margin: float = 0.01,
+        tau: float = 0.2,
+        initializer: str
+        | Mapping[str, Any]
+        | keras.initializers.Initializer
+        | None = None,
+        name: str = "soft_triple_loss",
         **kwargs,
     ):
         self.proxies_per_class = _check_count(
@@ -101,10 +111,16 @@ class SoftTripleLoss(ProxyLoss):
     def centers_per_class(self):
         return self.proxies_per_class
 
-    def default_initializer(self):
+    def default_initializer(self) -> keras.initializers.Initializer:
         return kaiming_uniform_sqrt5()
 
-    def proxy_loss(self, embeddings, proxies, labels, raw_proxies=None):
+    def proxy_loss(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        proxies: tf.Tensor,
+        labels: tf.Tensor | npt.ArrayLike,
+        raw_proxies: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         sim = self.similarities(embeddings, proxies)
         per = soft_triple(sim, labels, self.la, self.gamma, self.margin)
         if self.tau > 0:
@@ -114,7 +130,7 @@ class SoftTripleLoss(ProxyLoss):
             per = per + self.tau * reg
         return per
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             centers_per_class=self.centers_per_class,

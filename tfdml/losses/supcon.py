@@ -44,6 +44,10 @@ mean over positives (``|P_i|`` counts the positives with a non-zero weight);
 a pair with weight 0 is left out. All-ones weights give the plain loss.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -80,14 +84,14 @@ def _anchor_mean(terms, pos_mask, w, exclude):
 
 
 def supcon(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    temperature=0.1,
-    exclude_anchors_without_positives=True,
-):
+    temperature: float = 0.1,
+    exclude_anchors_without_positives: bool = True,
+) -> tf.Tensor:
     """Per-anchor SupCon loss ``[B]`` (``L_out``, see the module docstring)."""
     sim = tf.cast(sim, tf.float32)
     z, z_w, pos, neg, w = _weighted(
@@ -99,14 +103,14 @@ def supcon(
 
 
 def nt_xent(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    temperature=0.5,
-    exclude_anchors_without_positives=True,
-):
+    temperature: float = 0.5,
+    exclude_anchors_without_positives: bool = True,
+) -> tf.Tensor:
     """Per-anchor NT-Xent loss ``[B]`` (see the module docstring)."""
     sim = tf.cast(sim, tf.float32)
     z, z_w, pos, neg, w = _weighted(
@@ -134,7 +138,14 @@ class _TemperatureLoss(PairLoss):
             exclude_anchors_without_positives
         )
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return type(self)._function(
             sim,
             pos_mask,
@@ -146,7 +157,7 @@ class _TemperatureLoss(PairLoss):
             ),
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             temperature=self.temperature,
@@ -178,9 +189,9 @@ class SupConLoss(_TemperatureLoss):
 
     def __init__(
         self,
-        temperature=0.1,
-        exclude_anchors_without_positives=True,
-        name="supcon_loss",
+        temperature: float = 0.1,
+        exclude_anchors_without_positives: bool = True,
+        name: str = "supcon_loss",
         **kwargs,
     ):
         super().__init__(
@@ -209,9 +220,9 @@ class NTXentLoss(_TemperatureLoss):
 
     def __init__(
         self,
-        temperature=0.5,
-        exclude_anchors_without_positives=True,
-        name="nt_xent_loss",
+        temperature: float = 0.5,
+        exclude_anchors_without_positives: bool = True,
+        name: str = "nt_xent_loss",
         **kwargs,
     ):
         super().__init__(

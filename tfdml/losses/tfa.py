@@ -39,12 +39,18 @@ hardest positive distance (tfa's masked minimum falls back to the row
 maximum). An anchor without positives in the hard loss uses ``d_ap = 0``.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
 from tfdml.losses.base import PairLoss
+from tfdml.losses.base import References
 from tfdml.losses.base import as_references
 from tfdml.losses.base import check_inputs
 from tfdml.losses.base import nan_if_not_finite
@@ -124,20 +130,33 @@ def _labels_1d(y_true):
 # -- functions with tfa's signatures
 
 
-def triplet_semihard_loss(y_true, y_pred, margin=1.0, distance_metric="L2"):
+def triplet_semihard_loss(
+    y_true: tf.Tensor | npt.ArrayLike,
+    y_pred: tf.Tensor | npt.ArrayLike,
+    margin: float = 1.0,
+    distance_metric: str = "L2",
+) -> tf.Tensor:
     """tfa's ``triplet_semihard_loss``: scalar, dtype of ``y_pred``."""
     return _scalar(TripletSemiHardLoss(margin, distance_metric), y_true, y_pred)
 
 
 def triplet_hard_loss(
-    y_true, y_pred, margin=1.0, soft=False, distance_metric="L2"
-):
+    y_true: tf.Tensor | npt.ArrayLike,
+    y_pred: tf.Tensor | npt.ArrayLike,
+    margin: float = 1.0,
+    soft: bool = False,
+    distance_metric: str = "L2",
+) -> tf.Tensor:
     """tfa's ``triplet_hard_loss``: scalar, dtype of ``y_pred``."""
     loss = TripletHardLoss(margin, soft, distance_metric)
     return _scalar(loss, y_true, y_pred)
 
 
-def lifted_struct_loss(labels, embeddings, margin=1.0):
+def lifted_struct_loss(
+    labels: tf.Tensor | npt.ArrayLike,
+    embeddings: tf.Tensor | npt.ArrayLike,
+    margin: float = 1.0,
+) -> tf.Tensor:
     """tfa's ``lifted_struct_loss``: scalar."""
     return _scalar(LiftedStructLoss(margin), labels, embeddings)
 
@@ -148,7 +167,9 @@ def _scalar(loss, y_true, y_pred):
     return tf.cast(tf.reduce_mean(per), tf.as_dtype(y_pred.dtype))
 
 
-def npairs_loss(y_true, y_pred):
+def npairs_loss(
+    y_true: tf.Tensor | npt.ArrayLike, y_pred: tf.Tensor | npt.ArrayLike
+) -> tf.Tensor:
     """tfa's ``npairs_loss``: ``y_pred`` is a ``[B, B]`` similarity matrix."""
     return tf.reduce_mean(_npairs_per_row(y_true, y_pred))
 
@@ -187,7 +208,11 @@ def _npairs_per_row(y_true, y_pred):
     return tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
 
 
-def tfa_contrastive_loss(y_true, y_pred, margin=1.0):
+def tfa_contrastive_loss(
+    y_true: tf.Tensor | npt.ArrayLike,
+    y_pred: tf.Tensor | npt.ArrayLike,
+    margin: float = 1.0,
+) -> tf.Tensor:
     """tfa's ``contrastive_loss``: per-pair ``y d^2 + (1-y) max(0, m-d)^2``.
 
     Args:
@@ -221,19 +246,19 @@ class _TfaEmbeddingLoss(PairLoss):
             )
         super().__init__(miner=None, normalize=normalize, **kwargs)
 
-    def distance_metric_name(self):
+    def distance_metric_name(self) -> str:
         return "L2"
 
     def per_anchor(
         self,
-        embeddings,
-        labels,
-        refs=None,
-        ids=None,
-        pair_weights=None,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        refs: References | None = None,
+        ids: tf.Tensor | npt.ArrayLike | None = None,
+        pair_weights: tf.Tensor | None = None,
         *legacy,
         **context,
-    ):
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` (see the module docstring)."""
         refs, ids, pair_weights = as_references(
             refs, ids, context, pair_weights, legacy
@@ -261,7 +286,14 @@ class _TfaEmbeddingLoss(PairLoss):
     def distance_loss(self, dist, pos_mask, neg_mask):
         raise NotImplementedError
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         raise NotImplementedError(
             f"{type(self).__name__} works on distances: call per_anchor."
         )
@@ -287,24 +319,26 @@ class TripletSemiHardLoss(_TfaEmbeddingLoss):
 
     def __init__(
         self,
-        margin=1.0,
-        distance_metric="L2",
-        name="triplet_semihard_loss",
+        margin: float = 1.0,
+        distance_metric: str = "L2",
+        name: str = "triplet_semihard_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
         self.margin = check_non_negative("margin", margin)
         self.distance_metric = check_metric(distance_metric)
 
-    def distance_metric_name(self):
+    def distance_metric_name(self) -> str:
         return self.distance_metric
 
-    def distance_loss(self, dist, pos_mask, neg_mask):
+    def distance_loss(
+        self, dist: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tf.Tensor:
         return triplet_semihard_per_anchor(
             dist, pos_mask, neg_mask, self.margin
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin, distance_metric=self.distance_metric)
         return config
@@ -327,10 +361,10 @@ class TripletHardLoss(_TfaEmbeddingLoss):
 
     def __init__(
         self,
-        margin=1.0,
-        soft=False,
-        distance_metric="L2",
-        name="triplet_hard_loss",
+        margin: float = 1.0,
+        soft: bool = False,
+        distance_metric: str = "L2",
+        name: str = "triplet_hard_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -338,15 +372,17 @@ class TripletHardLoss(_TfaEmbeddingLoss):
         self.soft = bool(soft)
         self.distance_metric = check_metric(distance_metric)
 
-    def distance_metric_name(self):
+    def distance_metric_name(self) -> str:
         return self.distance_metric
 
-    def distance_loss(self, dist, pos_mask, neg_mask):
+    def distance_loss(
+        self, dist: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tf.Tensor:
         return triplet_hard_per_anchor(
             dist, pos_mask, neg_mask, self.margin, self.soft
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             margin=self.margin,
@@ -371,16 +407,20 @@ class LiftedStructLoss(_TfaEmbeddingLoss):
     reference.
     """
 
-    def __init__(self, margin=1.0, name="lifted_struct_loss", **kwargs):
+    def __init__(
+        self, margin: float = 1.0, name: str = "lifted_struct_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.margin = check_non_negative("margin", margin)
 
-    def distance_loss(self, dist, pos_mask, neg_mask):
+    def distance_loss(
+        self, dist: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tf.Tensor:
         return lifted_structure_song(
             dist, pos_mask, neg_mask, neg_margin=self.margin
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin)
         return config
@@ -400,14 +440,23 @@ class NpairsLoss(keras.losses.Loss):
     Reference: Sohn, NeurIPS 2016; tfa ``losses/npairs.py``.
     """
 
-    def __init__(self, name="npairs_loss", **kwargs):
+    def __init__(self, name: str = "npairs_loss", **kwargs):
         super().__init__(name=name, **kwargs)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         _npairs_per_row(y_true, y_pred)  # validates before Keras casts
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def call(self, y_true, y_pred):
+    def call(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         return _npairs_per_row(y_true, y_pred)
 
 
@@ -426,11 +475,18 @@ class TfaContrastiveLoss(keras.losses.Loss):
     Reference: Hadsell et al., CVPR 2006; tfa ``losses/contrastive.py``.
     """
 
-    def __init__(self, margin=1.0, name="tfa_contrastive_loss", **kwargs):
+    def __init__(
+        self, margin: float = 1.0, name: str = "tfa_contrastive_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.margin = check_non_negative("margin", margin)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tf.Tensor:
         y_true = _labels_1d(y_true)
         y_pred = _labels_1d(y_pred)
         for name, value in (("y_true", y_true), ("y_pred", y_pred)):
@@ -455,10 +511,14 @@ class TfaContrastiveLoss(keras.losses.Loss):
             )
         return super().__call__(y_true, y_pred, sample_weight=sample_weight)
 
-    def call(self, y_true, y_pred):
+    def call(
+        self,
+        y_true: tf.Tensor | npt.ArrayLike,
+        y_pred: tf.Tensor | npt.ArrayLike,
+    ) -> tf.Tensor:
         return tfa_contrastive_loss(y_true, y_pred, self.margin)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin)
         return config

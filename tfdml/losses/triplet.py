@@ -35,7 +35,10 @@ without triplets contributes 0. ``pair_weights`` weight a triplet by
 ``w_ap * w_an``.
 """
 
+from __future__ import annotations
+
 import functools
+from typing import Any
 
 import tensorflow as tf
 
@@ -64,16 +67,16 @@ def similarity_to_distance(sim, distance):
 
 
 def triplet_margin(
-    sim,
-    pos_mask,
-    neg_mask,
-    pair_weights=None,
+    sim: tf.Tensor,
+    pos_mask: tf.Tensor,
+    neg_mask: tf.Tensor,
+    pair_weights: tf.Tensor | None = None,
     *,
-    margin,
-    mining="all",
-    distance="euclidean",
-    pair_reduction="avg_nonzero",
-):
+    margin: float,
+    mining: str = "all",
+    distance: str = "euclidean",
+    pair_reduction: str = "avg_nonzero",
+) -> tf.Tensor:
     """Per-anchor triplet margin loss ``[B]`` from the pair contract."""
     pos_mask = tf.cast(pos_mask, tf.bool)
     neg_mask = tf.cast(neg_mask, tf.bool)
@@ -209,11 +212,11 @@ class TripletMarginLoss(PairLoss):
 
     def __init__(
         self,
-        margin=0.05,
-        mining="all",
-        distance="euclidean",
-        pair_reduction="avg_nonzero",
-        name="triplet_margin_loss",
+        margin: float = 0.05,
+        mining: str = "all",
+        distance: str = "euclidean",
+        pair_reduction: str = "avg_nonzero",
+        name: str = "triplet_margin_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -224,7 +227,14 @@ class TripletMarginLoss(PairLoss):
             "pair_reduction", pair_reduction, PAIR_REDUCTIONS
         )
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         return triplet_margin(
             sim,
             pos_mask,
@@ -236,7 +246,7 @@ class TripletMarginLoss(PairLoss):
             pair_reduction=self.pair_reduction,
         )
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             margin=self.margin,

@@ -9,6 +9,10 @@
   negative when ``d < neg_threshold``. ``None`` disables a side.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -29,7 +33,9 @@ def check_form(form):
 class AllPairsMiner(Miner):
     """Keeps every positive and negative pair (the identity miner)."""
 
-    def __call__(self, sim, pos_mask, neg_mask):
+    def __call__(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.cast(pos_mask, tf.bool), tf.cast(neg_mask, tf.bool)
 
 
@@ -55,7 +61,10 @@ class ThresholdMiner(Miner):
     """
 
     def __init__(
-        self, pos_threshold=None, neg_threshold=None, form="similarity"
+        self,
+        pos_threshold: float | None = None,
+        neg_threshold: float | None = None,
+        form: str = "similarity",
     ):
         self.form = check_form(form)
         self.pos_threshold = _opt_float("pos_threshold", pos_threshold)
@@ -69,7 +78,9 @@ class ThresholdMiner(Miner):
                         f"{name}={value!r}."
                     )
 
-    def __call__(self, sim, pos_mask, neg_mask):
+    def __call__(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         pos = tf.cast(pos_mask, tf.bool)
         neg = tf.cast(neg_mask, tf.bool)
         sim = tf.cast(sim, tf.float32)
@@ -86,7 +97,7 @@ class ThresholdMiner(Miner):
                 neg = tf.logical_and(neg, dist < self.neg_threshold)
         return pos, neg
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "pos_threshold": self.pos_threshold,
             "neg_threshold": self.neg_threshold,

@@ -7,6 +7,10 @@ the most similar one, as one-hot masks. Ties go to the lowest reference index
 (or no negative) keeps none.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -38,11 +42,13 @@ class HardestMiner(Miner):
       loss = tfdml.losses.ContrastiveLoss(miner=HardestMiner())
     """
 
-    def __init__(self, positives=True, negatives=True):
+    def __init__(self, positives: bool = True, negatives: bool = True):
         self.positives = bool(positives)
         self.negatives = bool(negatives)
 
-    def __call__(self, sim, pos_mask, neg_mask):
+    def __call__(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         pos_mask = tf.cast(pos_mask, tf.bool)
         neg_mask = tf.cast(neg_mask, tf.bool)
         sim = tf.stop_gradient(tf.cast(sim, tf.float32))
@@ -54,5 +60,5 @@ class HardestMiner(Miner):
             neg_mask = first_one_hot(tf.logical_and(neg_mask, sim >= high))
         return pos_mask, neg_mask
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"positives": self.positives, "negatives": self.negatives}

@@ -5,6 +5,10 @@ Keep a negative if ``S_ik > min_{pos} S_ij - epsilon`` and a positive if
 duplicates) are dropped as in the msight code.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -22,11 +26,15 @@ class MultiSimilarityMiner(Miner):
       drop_duplicate_positives: drop positives with ``S >= 1 - 1e-5``.
     """
 
-    def __init__(self, epsilon=0.1, drop_duplicate_positives=True):
+    def __init__(
+        self, epsilon: float = 0.1, drop_duplicate_positives: bool = True
+    ):
         self.epsilon = check_non_negative("epsilon", epsilon)
         self.drop_duplicate_positives = bool(drop_duplicate_positives)
 
-    def __call__(self, sim, pos_mask, neg_mask):
+    def __call__(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         if self.drop_duplicate_positives:
             pos_mask = tf.logical_and(pos_mask, sim < 1.0 - 1e-5)
         min_pos = ops.masked_min(sim, pos_mask)[:, None]
@@ -35,7 +43,7 @@ class MultiSimilarityMiner(Miner):
         pos = tf.logical_and(pos_mask, sim < max_neg + self.epsilon)
         return pos, neg
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "epsilon": self.epsilon,
             "drop_duplicate_positives": self.drop_duplicate_positives,

@@ -18,6 +18,10 @@ used instead (``O(B M log M)`` time, ``O(B M)`` memory, never
 ``[B, M, M]``); both give the same masks.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
@@ -218,7 +222,7 @@ class SemiHardMiner(Miner):
       loss = tfdml.losses.ContrastiveLoss(miner=SemiHardMiner(margin=0.2))
     """
 
-    def __init__(self, margin=0.2, form="distance"):
+    def __init__(self, margin: float = 0.2, form: str = "distance"):
         check_non_negative("margin", margin)
         if form not in ("similarity", "distance"):
             raise ValueError(
@@ -228,7 +232,9 @@ class SemiHardMiner(Miner):
         self.margin = float(margin)
         self.form = form
 
-    def __call__(self, sim, pos_mask, neg_mask):
+    def __call__(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         pos_mask = tf.cast(pos_mask, tf.bool)
         neg_mask = tf.cast(neg_mask, tf.bool)
         sim = tf.stop_gradient(tf.cast(sim, tf.float32))
@@ -261,5 +267,5 @@ class SemiHardMiner(Miner):
         keep_pos = tf.logical_and(has_below, below > c - self.margin)
         return keep_pos, keep_neg
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"margin": self.margin, "form": self.form}

@@ -1,5 +1,12 @@
 """Pair weightings: (sim, pos_mask, neg_mask) -> float weights (no gradient)."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow as tf
+
 from tfdml import registry
 
 
@@ -19,14 +26,20 @@ class Weighting:
     rule.
     """
 
-    def __call__(self, sim, pos_mask, neg_mask, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         raise NotImplementedError
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> Weighting:
         return cls(**config)
 
     def __repr__(self):
@@ -34,6 +47,6 @@ class Weighting:
         return f"{type(self).__name__}({args})"
 
 
-def get(spec):
+def get(spec: Weighting | str | Mapping[str, Any] | None) -> Weighting | None:
     """Builds a weighting from a name, a dict or an instance."""
     return registry.build(Weighting, spec)

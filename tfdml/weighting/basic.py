@@ -9,6 +9,10 @@ L2-normalised embeddings ``D = sqrt(2 - 2 S)``.
 the chain rule (``dS/dD = -D``).
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import registry
@@ -72,14 +76,24 @@ class ConstantWeighting(Weighting):
     """
 
     def __init__(
-        self, pos_weight=1.0, neg_weight=1.0, reduction="sum", space="distance"
+        self,
+        pos_weight: float = 1.0,
+        neg_weight: float = 1.0,
+        reduction: str = "sum",
+        space: str = "distance",
     ):
         self.pos_weight = check_number("pos_weight", pos_weight, 0.0)
         self.neg_weight = check_number("neg_weight", neg_weight, 0.0)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.space = check_choice("space", space, SPACES)
 
-    def __call__(self, sim, pos_mask, neg_mask, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         ones = tf.ones_like(tf.cast(sim, tf.float32))
         w_pos = self.pos_weight * ones
         w_neg = self.neg_weight * ones
@@ -88,7 +102,7 @@ class ConstantWeighting(Weighting):
             w_neg = tf.math.divide_no_nan(w_neg, per_anchor_count(neg_mask))
         return finish(w_pos, w_neg, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "pos_weight": self.pos_weight,
             "neg_weight": self.neg_weight,

@@ -5,6 +5,10 @@
   w-_ik = alpha C sigmoid( alpha C (S_ik - beta)) [/ |N_i|]
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import registry
@@ -33,7 +37,13 @@ class BinomialWeighting(Weighting):
 
     space = "similarity"
 
-    def __init__(self, alpha=2.0, beta=0.5, cost=25.0, pair_reduction="mean"):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 0.5,
+        cost: float = 25.0,
+        pair_reduction: str = "mean",
+    ):
         self.alpha = check_number("alpha", alpha, 0.0, strict=True)
         self.beta = check_number("beta", beta)
         self.cost = check_number("cost", cost, 0.0, strict=True)
@@ -41,7 +51,13 @@ class BinomialWeighting(Weighting):
             "pair_reduction", pair_reduction, ("mean", "sum")
         )
 
-    def __call__(self, sim, pos_mask, neg_mask, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         sim = tf.cast(sim, tf.float32)
         a, c = self.alpha, self.alpha * self.cost
         w_pos = a * tf.sigmoid(-a * (sim - self.beta))
@@ -51,7 +67,7 @@ class BinomialWeighting(Weighting):
             w_neg = tf.math.divide_no_nan(w_neg, per_anchor_count(neg_mask))
         return finish(w_pos, w_neg, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha,
             "beta": self.beta,

@@ -13,6 +13,10 @@ with ``D = sqrt(2 - 2 S)`` (distance space). Anchors without positives or
 without negatives get zero weights.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -43,11 +47,17 @@ class LiftedWeighting(Weighting):
 
     space = "distance"
 
-    def __init__(self, neg_margin=1.0, pos_margin=0.0):
+    def __init__(self, neg_margin: float = 1.0, pos_margin: float = 0.0):
         self.neg_margin = check_number("neg_margin", neg_margin, 0.0)
         self.pos_margin = check_number("pos_margin", pos_margin, 0.0)
 
-    def __call__(self, sim, pos_mask, neg_mask, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         pos_mask = tf.cast(pos_mask, tf.bool)
         neg_mask = tf.cast(neg_mask, tf.bool)
         dist = ops.distance_from_similarity(tf.cast(sim, tf.float32))
@@ -61,5 +71,5 @@ class LiftedWeighting(Weighting):
         scale = tf.where(active, 1.0, 0.0)
         return finish(w_pos * scale, w_neg * scale, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"neg_margin": self.neg_margin, "pos_margin": self.pos_margin}

@@ -13,6 +13,10 @@ An anchor without a mined positive or without a mined negative gets zero
 weights, as the MS loss skips it.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import tensorflow as tf
 
 from tfdml import ops
@@ -46,7 +50,13 @@ class MultiSimilarityWeighting(Weighting):
 
     space = "similarity"
 
-    def __init__(self, alpha=2.0, beta=40.0, base=0.5, coefficient=1.0):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        base: float = 0.5,
+        coefficient: float = 1.0,
+    ):
         self.alpha = check_number("alpha", alpha, 0.0, strict=True)
         self.beta = check_number("beta", beta, 0.0, strict=True)
         self.base = check_number("base", base)
@@ -54,7 +64,13 @@ class MultiSimilarityWeighting(Weighting):
             "coefficient", coefficient, 0.0, strict=True
         )
 
-    def __call__(self, sim, pos_mask, neg_mask, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         sim = tf.cast(sim, tf.float32)
         pos_mask = tf.cast(pos_mask, tf.bool)
         neg_mask = tf.cast(neg_mask, tf.bool)
@@ -67,7 +83,7 @@ class MultiSimilarityWeighting(Weighting):
         scale = tf.where(has_both, self.coefficient, 0.0)
         return finish(w_pos * scale, w_neg * scale, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha,
             "beta": self.beta,

@@ -14,7 +14,10 @@ The raw scores are returned; the per-polarity normalisation of
 ``OSM x CAA`` belongs to :class:`tfdml.losses.WeightedContrastiveLoss`.
 """
 
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import tensorflow as tf
 
@@ -44,11 +47,18 @@ class OSMWeighting(Weighting):
 
     space = "distance"
 
-    def __init__(self, sigma=0.8, margin=1.2):
+    def __init__(self, sigma: float = 0.8, margin: float = 1.2):
         self.sigma = check_number("sigma", sigma, 0.0, strict=True)
         self.margin = check_number("margin", margin, 0.0, strict=True)
 
-    def __call__(self, sim, pos_mask, neg_mask, distance=None, **context):
+    def __call__(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        distance: tf.Tensor | None = None,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         if distance is None:
             distance = ops.distance_from_similarity(tf.cast(sim, tf.float32))
         d = tf.cast(distance, tf.float32)
@@ -56,7 +66,7 @@ class OSMWeighting(Weighting):
         s_neg = tf.nn.relu(self.margin - d)
         return finish(s_pos, s_neg, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "margin": self.margin}
 
 
@@ -86,18 +96,26 @@ class CAAWeighting(Weighting):
 
     space = "distance"
 
-    def __init__(self, mu=1.0, sigma=0.68, combine="min"):
+    def __init__(
+        self, mu: float = 1.0, sigma: float = 0.68, combine: str = "min"
+    ):
         self.mu = check_number("mu", mu)
         self.sigma = check_number("sigma", sigma, 0.0, strict=True)
         self.combine = check_choice("combine", combine, ("min", "product"))
 
-    def attention(self, probs):
+    def attention(self, probs: tf.Tensor) -> tf.Tensor:
         """``a = N(p; mu, sigma)`` without gradient."""
         return tf.stop_gradient(gaussian_pdf(probs, self.mu, self.sigma))
 
     def __call__(
-        self, sim, pos_mask, neg_mask, probs=None, ref_probs=None, **context
-    ):
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        probs: tf.Tensor | None = None,
+        ref_probs: tf.Tensor | None = None,
+        **context,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         if probs is None:
             raise ValueError(
                 "CAAWeighting needs the true-class probabilities: pass "
@@ -119,5 +137,5 @@ class CAAWeighting(Weighting):
             att = a[:, None] * b[None, :]
         return finish(att, att, pos_mask, neg_mask)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {"mu": self.mu, "sigma": self.sigma, "combine": self.combine}
