@@ -57,11 +57,18 @@ released code instead:
    merged (their variance stays 0, as in ``update_each_class``).
 """
 
+from __future__ import annotations
+
 import math
 import time
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import registry
@@ -85,7 +92,12 @@ def _in_range(name, value, low, high, low_open=False):
     return value
 
 
-def adaptive_weight(counts, beta=0.1, tau=40, strict=False):
+def adaptive_weight(
+    counts: tf.Tensor | npt.ArrayLike,
+    beta: float = 0.1,
+    tau: float = 40,
+    strict: bool = False,
+) -> tf.Tensor:
     """The correction strength ``a(n)`` of paper Eq. 16 (numpy or tensor).
 
     ``a(n) = 1 / (1 + ln(1 + beta (n - 1)))`` for ``n <= tau`` (``n < tau``
@@ -102,7 +114,7 @@ def adaptive_weight(counts, beta=0.1, tau=40, strict=False):
     return tf.where(keep, a, tf.zeros_like(a))
 
 
-def official_lambda(lam, epoch, epochs):
+def official_lambda(lam: float, epoch: int, epochs: int) -> float:
     """The official code's lambda step schedule (``intra.py::lamda_epoch``).
 
     Args:
@@ -164,18 +176,18 @@ def _maxmin(x):
 
 
 def neighbor_correction(
-    mean,
-    variance,
-    counts,
-    num_neighbors=25,
-    beta=0.1,
-    gamma=0.1,
-    tau=40,
-    sigma_m=1.0,
-    sigma_cv=1.0,
-    official_code=False,
-    chunk_size=1024,
-):
+    mean: tf.Tensor | npt.ArrayLike,
+    variance: tf.Tensor | npt.ArrayLike,
+    counts: tf.Tensor | npt.ArrayLike,
+    num_neighbors: int = 25,
+    beta: float = 0.1,
+    gamma: float = 0.1,
+    tau: float = 40,
+    sigma_m: float = 1.0,
+    sigma_cv: float = 1.0,
+    official_code: bool = False,
+    chunk_size: int = 1024,
+) -> dict[str, tf.Tensor]:
     """Neighbour-corrected diagonal variances (paper Eq. 9-16), float64.
 
     Args:
@@ -348,18 +360,18 @@ class IAAEstimator(keras.layers.Layer):
 
     def __init__(
         self,
-        num_classes,
-        dim,
-        momentum=0.2,
-        num_neighbors=25,
-        beta=0.1,
-        gamma=0.1,
-        tau=40,
-        sigma_m=1.0,
-        sigma_cv=1.0,
-        correction_threshold=1000,
-        official_code=False,
-        class_ids=None,
+        num_classes: int,
+        dim: int,
+        momentum: float = 0.2,
+        num_neighbors: int = 25,
+        beta: float = 0.1,
+        gamma: float = 0.1,
+        tau: float = 40,
+        sigma_m: float = 1.0,
+        sigma_cv: float = 1.0,
+        correction_threshold: int = 1000,
+        official_code: bool = False,
+        class_ids: npt.ArrayLike | None = None,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -417,10 +429,12 @@ class IAAEstimator(keras.layers.Layer):
         """Python bool: at least one update has been merged."""
         return int(np.asarray(self.num_updates.numpy())) > 0
 
-    def call(self, labels):
+    def call(self, labels: tf.Tensor | npt.ArrayLike) -> tf.Tensor:
         return self.sampling_variances(labels)
 
-    def sampling_variances(self, labels):
+    def sampling_variances(
+        self, labels: tf.Tensor | npt.ArrayLike
+    ) -> tf.Tensor:
         """Sampling variances of the given label ids ``[B, d]`` (0 for ids
         not in :attr:`class_ids`)."""
         rows, known = self.lookup(labels)
@@ -428,7 +442,7 @@ class IAAEstimator(keras.layers.Layer):
         return tf.where(known[:, None], var, 0.0)
 
     # -- label ids ------------------------------------------------------------
-    def set_class_ids(self, ids):
+    def set_class_ids(self, ids: tf.Tensor | npt.ArrayLike) -> None:
         """Sets the label-id table from any ``<= C`` distinct integer ids."""
         ids = np.unique(np.asarray(ids).reshape(-1))
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
@@ -445,7 +459,9 @@ class IAAEstimator(keras.layers.Layer):
         table[: ids.size] = ids.astype(np.int64)
         self.class_ids.assign(table)
 
-    def lookup(self, labels):
+    def lookup(
+        self, labels: tf.Tensor | npt.ArrayLike
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """Table rows of label ids (graph/XLA safe).
 
         Returns ``(rows [B] int32, known [B] bool)``; ``rows`` is clipped
@@ -458,7 +474,7 @@ class IAAEstimator(keras.layers.Layer):
         known = tf.equal(tf.gather(table, rows), labels)
         return rows, known
 
-    def rows_of(self, labels):
+    def rows_of(self, labels: tf.Tensor | npt.ArrayLike) -> tf.Tensor:
         """NumPy table rows of label ids; unknown ids raise ValueError."""
         labels = np.asarray(labels).reshape(-1)
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
@@ -479,11 +495,18 @@ class IAAEstimator(keras.layers.Layer):
             )
         return rows
 
-    def update(self, raw, labels):
+    def update(
+        self, raw: tf.Tensor | npt.ArrayLike, labels: tf.Tensor | npt.ArrayLike
+    ) -> np.ndarray:
         """One estimation from a full set of raw embeddings ``[N, d]``."""
         return self.update_from_batches([(raw, labels)])
 
-    def update_from_batches(self, batches):
+    def update_from_batches(
+        self,
+        batches: Iterable[
+            tuple[tf.Tensor | npt.ArrayLike, tf.Tensor | npt.ArrayLike]
+        ],
+    ) -> np.ndarray:
         """Aggregates a full pass, then merges it (and corrects).
 
         Args:
@@ -522,7 +545,12 @@ class IAAEstimator(keras.layers.Layer):
         self.merge(stats.count, stats.mean, stats.variance)
         return stats.count
 
-    def merge(self, counts, mean, variance):
+    def merge(
+        self,
+        counts: npt.ArrayLike,
+        mean: npt.ArrayLike,
+        variance: npt.ArrayLike,
+    ) -> None:
         """Momentum merge of one pass's statistics (paper Eq. 8 / ISDA).
 
         Args:
@@ -554,7 +582,7 @@ class IAAEstimator(keras.layers.Layer):
         self.num_updates.assign(int(self.num_updates.numpy()) + 1)
         self.correct()
 
-    def correct(self):
+    def correct(self) -> dict[str, tf.Tensor] | None:
         """Recomputes the neighbour correction and ``sampling_variance``."""
         if not self.uses_correction:
             self.sampling_variance.assign(self.variance)
@@ -582,13 +610,13 @@ class IAAEstimator(keras.layers.Layer):
             self.sampling_variance.assign(self.variance)
         return out
 
-    def reset(self):
+    def reset(self) -> None:
         """Forgets every estimate (and the label-id table)."""
         for v in self.variables:
             v.assign(tf.zeros_like(v))
         self.class_ids.assign(np.arange(self.num_classes, dtype="int64"))
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         for key in ("dtype", "trainable"):
             config.pop(key, None)
@@ -648,12 +676,12 @@ class IAAugmenter(keras.layers.Layer):
 
     def __init__(
         self,
-        estimator,
-        num_copies=3,
-        lam=0.8,
-        official_code=None,
-        seed=None,
-        enabled=True,
+        estimator: IAAEstimator | Mapping[str, Any],
+        num_copies: int = 3,
+        lam: float = 0.8,
+        official_code: bool | None = None,
+        seed: int | None = None,
+        enabled: bool = True,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -702,7 +730,7 @@ class IAAugmenter(keras.layers.Layer):
         )
         self.built = True
 
-    def strength(self):
+    def strength(self) -> dict[str, float]:
         """Mean noise ratio and copy cosine since :meth:`reset_strength`.
 
         Returns ``{"iaa_noise_ratio": float, "iaa_copy_cos": float}``;
@@ -714,16 +742,18 @@ class IAAugmenter(keras.layers.Layer):
             return {"iaa_noise_ratio": 0.0, "iaa_copy_cos": 1.0}
         return {"iaa_noise_ratio": ratio / count, "iaa_copy_cos": cos / count}
 
-    def reset_strength(self):
+    def reset_strength(self) -> None:
         self.strength_sums.assign(np.zeros((3,), np.float32))
 
-    def std_exponents(self):
+    def std_exponents(self) -> list[float]:
         """Exponent of the variance per copy: 1/2 (paper) or 1/2**m."""
         if self.official_code:
             return [0.5**m for m in range(1, self.num_copies + 1)]
         return [0.5] * self.num_copies
 
-    def sample(self, raw, labels):
+    def sample(
+        self, raw: tf.Tensor | npt.ArrayLike, labels: tf.Tensor | npt.ArrayLike
+    ) -> tf.Tensor:
         """Unnormalised copies ``[M, B, d]`` (advances the noise step)."""
         raw = tf.cast(raw, tf.float32)
         var = self.estimator.sampling_variances(labels)
@@ -758,7 +788,12 @@ class IAAugmenter(keras.layers.Layer):
             sums + tf.stack([tf.reduce_sum(ratio), tf.reduce_sum(cos), count])
         )
 
-    def synthesize(self, raw, labels, ids):
+    def synthesize(
+        self,
+        raw: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        ids: tf.Tensor | npt.ArrayLike,
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         """The DMLModel hook: copies as extra references.
 
         Args:
@@ -787,10 +822,15 @@ class IAAugmenter(keras.layers.Layer):
         ids_out = tf.tile(ids, reps)
         return emb, tf.tile(labels, reps), ids_out, ids_out
 
-    def call(self, raw, labels, ids):
+    def call(
+        self,
+        raw: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        ids: tf.Tensor | npt.ArrayLike,
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         return self.synthesize(raw, labels, ids)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         for key in ("dtype", "trainable"):
             config.pop(key, None)
@@ -878,16 +918,16 @@ class IAARefresh(keras.callbacks.Callback):
 
     def __init__(
         self,
-        dataset,
-        start_epoch=None,
-        every_n_epochs=None,
-        epochs=None,
-        lambda_schedule=None,
-        official_code=None,
-        start_fraction=0.3,
-        paper_schedule=False,
-        max_per_class=32,
-        bn_mode="training",
+        dataset: Iterable[Any],
+        start_epoch: int | None = None,
+        every_n_epochs: int | None = None,
+        epochs: int | None = None,
+        lambda_schedule: bool | None = None,
+        official_code: bool | None = None,
+        start_fraction: float = 0.3,
+        paper_schedule: bool = False,
+        max_per_class: int | None = 32,
+        bn_mode: str = "training",
     ):
         super().__init__()
         self.dataset = dataset
@@ -967,7 +1007,7 @@ class IAARefresh(keras.callbacks.Callback):
             return self._every
         return 4 if self.paper_schedule and not self.official_code else 2
 
-    def should_refresh(self, epoch):
+    def should_refresh(self, epoch: int) -> bool:
         """Whether Keras epoch ``epoch`` (0-based) starts with a refresh."""
         return (
             epoch >= self.start_epoch
@@ -994,7 +1034,7 @@ class IAARefresh(keras.callbacks.Callback):
 
         return encode
 
-    def sample_batches(self):
+    def sample_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields ``(images, labels)`` of the bounded sample, in batches of
         the dataset's batch size (the last one may hold up to twice that,
         so that no training-mode batch is tiny)."""
@@ -1029,7 +1069,7 @@ class IAARefresh(keras.callbacks.Callback):
         if ys and sum(len(v) for v in ys):
             yield np.concatenate(xs), np.concatenate(ys)
 
-    def refresh(self):
+    def refresh(self) -> None:
         """One estimation pass over the bounded sample (then correction)."""
         if self._encode is None:
             self._encode = self._encoder_fn()
@@ -1053,10 +1093,12 @@ class IAARefresh(keras.callbacks.Callback):
             aug.enabled = want
             self.model.make_train_function(force=True)
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self._sync_enabled()
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(
+        self, epoch: int, logs: Mapping[str, Any] | None = None
+    ) -> None:
         aug = self.augmenter
         schedule = self._schedule
         if schedule is None:
@@ -1077,6 +1119,8 @@ class IAARefresh(keras.callbacks.Callback):
         self._sync_enabled()
         aug.reset_strength()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(
+        self, epoch: int, logs: Mapping[str, Any] | None = None
+    ) -> None:
         if logs is not None:
             logs.update(self.augmenter.strength())

@@ -19,8 +19,13 @@ batch (as :class:`tfdml.meta.MMSIModel` does), otherwise other replicas'
 rows are lost.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import registry
@@ -53,7 +58,7 @@ class ClassDictionary(keras.layers.Layer):
       ref, ref_labels, valid = dictionary.entries()
     """
 
-    def __init__(self, num_classes, dim, d_size=1, **kwargs):
+    def __init__(self, num_classes: int, dim: int, d_size: int = 1, **kwargs):
         kwargs.pop("dtype", None)
         kwargs.pop("trainable", None)
         super().__init__(dtype="float32", trainable=False, **kwargs)
@@ -74,11 +79,13 @@ class ClassDictionary(keras.layers.Layer):
         self.built = True
 
     # -- reading -----------------------------------------------------------
-    def num_classes_seen(self):
+    def num_classes_seen(self) -> tf.Tensor:
         """Scalar int32: classes holding at least one entry (the gate)."""
         return tf.convert_to_tensor(self.num_seen)
 
-    def entries(self, order="slot"):
+    def entries(
+        self, order: str = "slot"
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """All slots as a reference set.
 
         Args:
@@ -123,11 +130,17 @@ class ClassDictionary(keras.layers.Layer):
         labels = tf.reshape(tf.broadcast_to(cls[:, None], [c, k]), [-1])
         return tf.gather(feats, rows), labels, tf.reshape(valid, [-1])
 
-    def call(self, inputs=None):
+    def call(
+        self, inputs: Any = None
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         return self.entries()
 
     # -- writing -----------------------------------------------------------
-    def enqueue(self, features, labels):
+    def enqueue(
+        self,
+        features: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+    ) -> None:
         """Appends a batch in row order; drops the oldest beyond ``d_size``.
 
         Args:
@@ -193,7 +206,7 @@ class ClassDictionary(keras.layers.Layer):
         self.first_seen.assign(tf.where(new, num_seen + new_rank, first))
         self.num_seen.assign(num_seen + tf.reduce_sum(tf.cast(new, tf.int32)))
 
-    def reset(self):
+    def reset(self) -> None:
         """Empties the dictionary."""
         self.features.assign(tf.zeros_like(self.features))
         self.counts.assign(tf.zeros_like(self.counts))
@@ -201,7 +214,7 @@ class ClassDictionary(keras.layers.Layer):
         self.first_seen.assign(tf.fill([self.num_classes], -1))
         self.num_seen.assign(0)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         for key in ("dtype", "trainable"):
             config.pop(key, None)

@@ -57,15 +57,20 @@ the rows and reports the mean cosine between a batch embedding and its own
 stored copies (``xbm_drift`` in the fit logs). XBM assumes this stays near 1.
 """
 
+from __future__ import annotations
+
 import math
 import warnings
+from typing import Any
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
 from tfdml import registry
+from tfdml.losses.base import PairLoss
 from tfdml.losses.base import References
 from tfdml.validation import check_choice
 from tfdml.validation import check_int
@@ -113,12 +118,12 @@ class CrossBatchMemory(keras.layers.Layer):
 
     def __init__(
         self,
-        size,
-        dim,
-        start_after=0,
-        memory_weight=1.0,
-        memory_reduction="auto",
-        multi_hot_classes=None,
+        size: int,
+        dim: int,
+        start_after: int = 0,
+        memory_weight: float = 1.0,
+        memory_reduction: str = "auto",
+        multi_hot_classes: int | None = None,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -164,7 +169,7 @@ class CrossBatchMemory(keras.layers.Layer):
         """Scalar bool: the warm-up (``start_after`` steps) is over."""
         return tf.convert_to_tensor(self.step) >= self.start_after
 
-    def references(self):
+    def references(self) -> References:
         """The memory as a reference set.
 
         Returns:
@@ -184,11 +189,11 @@ class CrossBatchMemory(keras.layers.Layer):
             valid,
         )
 
-    def call(self, inputs=None):
+    def call(self, inputs: Any = None) -> References:
         return self.references()
 
     # -- the memory term of the loss ---------------------------------------
-    def resolve_reduction(self, loss):
+    def resolve_reduction(self, loss: PairLoss) -> str:
         """The reduction used with ``loss``: ``"avg_nonzero"``, ``"sum"`` or
         ``"joint"`` (``"auto"`` resolved). Raises ``ValueError`` when
         ``"avg_nonzero"`` is asked of a loss without per-pair reduction."""
@@ -232,15 +237,15 @@ class CrossBatchMemory(keras.layers.Layer):
 
     def per_anchor(
         self,
-        loss,
-        embeddings,
-        labels,
-        ids,
-        refs,
+        loss: PairLoss,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        ids: tf.Tensor | npt.ArrayLike,
+        refs: References,
         *legacy,
-        pair_weights=None,
+        pair_weights: tf.Tensor | None = None,
         **context,
-    ):
+    ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` with the memory term weighted and reduced.
 
         ``refs`` (a :class:`tfdml.losses.References`) are ``[other
@@ -339,7 +344,11 @@ class CrossBatchMemory(keras.layers.Layer):
         )
         return batch_term + self.memory_weight * memory_term
 
-    def drift(self, embeddings, keys):
+    def drift(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        keys: tf.Tensor | npt.ArrayLike,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         """Mean cosine between batch rows and their own stored copies.
 
         Args:
@@ -365,7 +374,13 @@ class CrossBatchMemory(keras.layers.Layer):
         return mean, count
 
     # -- the ring buffer ---------------------------------------------------
-    def enqueue(self, embeddings, labels, ids, keys=None):
+    def enqueue(
+        self,
+        embeddings: tf.Tensor | npt.ArrayLike,
+        labels: tf.Tensor | npt.ArrayLike,
+        ids: tf.Tensor | npt.ArrayLike,
+        keys: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> None:
         """Writes a batch into the ring buffer (after the warm-up).
 
         Row ``k`` of the batch goes to slot ``(pointer + k) mod M``; a batch
@@ -464,7 +479,7 @@ class CrossBatchMemory(keras.layers.Layer):
         # path runs under MirroredStrategy in tests/distributed).
         variable.value.scatter_update(tf.IndexedSlices(values, idx))
 
-    def reset(self):
+    def reset(self) -> None:
         """Empties the memory (slots, pointer, fill count and step)."""
         self.embeddings.assign(tf.zeros_like(self.embeddings))
         self.labels.assign(self._empty_labels())
@@ -474,7 +489,7 @@ class CrossBatchMemory(keras.layers.Layer):
         self.filled.assign(0)
         self.step.assign(0)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         for key in ("dtype", "trainable"):
             config.pop(key, None)

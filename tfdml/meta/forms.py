@@ -26,7 +26,11 @@ the number of anchors ``n``. This is what the fast path of
 fast path").
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import tensorflow as tf
 
@@ -53,11 +57,13 @@ class MMSIPairLoss(PairLoss):
     :meth:`weighted`, :meth:`coefficients` and :meth:`pair_loss`.
     """
 
-    def __init__(self, name=None, **kwargs):
+    def __init__(self, name: str | None = None, **kwargs):
         kwargs.pop("miner", None)
         super().__init__(miner=None, name=name, **kwargs)
 
-    def select(self, sim, pos_mask, neg_mask):
+    def select(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         """S-form: ``dict(pos=[B, M] bool, neg=[B, M] bool, count=[B, M])``.
 
         Computed from a stop-gradient ``sim``; ``count`` holds fixed per-pair
@@ -65,16 +71,23 @@ class MMSIPairLoss(PairLoss):
         """
         raise NotImplementedError
 
-    def weighted(self, sim, sel, pair_weights):
+    def weighted(
+        self,
+        sim: tf.Tensor,
+        sel: Mapping[str, tf.Tensor],
+        pair_weights: tf.Tensor,
+    ) -> tf.Tensor:
         """W-form per anchor ``[B]`` with weights ``[B, M]``."""
         raise NotImplementedError
 
-    def coefficients(self, sim, sel):
+    def coefficients(
+        self, sim: tf.Tensor, sel: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
         """``a [B, M]`` with ``dL_W/dw_k |_{w=0} = a_k S_k + const``; the
         mean over the ``n`` anchors is included (``L_W = mean_i``)."""
         raise NotImplementedError
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("miner", None)
         return config
@@ -97,7 +110,9 @@ class MMSIContrastiveLoss(MMSIPairLoss):
       margin: negative threshold ``m`` (official Cars script: 0.8).
     """
 
-    def __init__(self, margin=0.5, name="mmsi_contrastive_loss", **kwargs):
+    def __init__(
+        self, margin: float = 0.5, name: str = "mmsi_contrastive_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.margin = float(margin)
         if not -1.0 <= self.margin <= 1.0:
@@ -105,13 +120,22 @@ class MMSIContrastiveLoss(MMSIPairLoss):
                 f"`margin` must be in [-1, 1]; received margin={margin!r}."
             )
 
-    def select(self, sim, pos_mask, neg_mask):
+    def select(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         sim = tf.stop_gradient(sim)
         pos = tf.logical_and(pos_mask, sim < _DUPLICATE)
         neg = tf.logical_and(neg_mask, sim > self.margin)
         return {"pos": pos, "neg": neg, "count": tf.ones_like(sim)}
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         sel = self.select(sim, pos_mask, neg_mask)
         w_p = _f(sel["pos"])
         w_n = _f(sel["neg"])
@@ -120,17 +144,24 @@ class MMSIContrastiveLoss(MMSIPairLoss):
             w_n = w_n * pair_weights
         return tf.reduce_sum(w_p * (1.0 - sim) + w_n * sim, axis=1)
 
-    def weighted(self, sim, sel, pair_weights):
+    def weighted(
+        self,
+        sim: tf.Tensor,
+        sel: Mapping[str, tf.Tensor],
+        pair_weights: tf.Tensor,
+    ) -> tf.Tensor:
         w = tf.cast(pair_weights, sim.dtype)
         pos = -(sim + 1.0) * w * _f(sel["pos"])
         neg = sim * w * _f(sel["neg"])
         return tf.reduce_sum(pos + neg, axis=1)
 
-    def coefficients(self, sim, sel):
+    def coefficients(
+        self, sim: tf.Tensor, sel: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
         n = tf.cast(tf.shape(sim)[0], tf.float32)
         return (_f(sel["neg"]) - _f(sel["pos"])) / n
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin)
         return config
@@ -160,12 +191,12 @@ class MMSIMultiSimilarityLoss(MMSIPairLoss):
 
     def __init__(
         self,
-        alpha=2.0,
-        beta=40.0,
-        base=0.5,
-        epsilon=0.05,
-        coefficient=2.0,
-        name="mmsi_multi_similarity_loss",
+        alpha: float = 2.0,
+        beta: float = 40.0,
+        base: float = 0.5,
+        epsilon: float = 0.05,
+        coefficient: float = 2.0,
+        name: str = "mmsi_multi_similarity_loss",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
@@ -189,7 +220,9 @@ class MMSIMultiSimilarityLoss(MMSIPairLoss):
             weights_on_similarity=True,
         )
 
-    def select(self, sim, pos_mask, neg_mask):
+    def select(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         sim = tf.stop_gradient(sim)
         pos, neg = self._miner(sim, pos_mask, neg_mask)
         both = tf.logical_and(
@@ -200,14 +233,28 @@ class MMSIMultiSimilarityLoss(MMSIPairLoss):
         neg = tf.logical_and(neg, both)
         return {"pos": pos, "neg": neg, "count": tf.ones_like(sim)}
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         pos = tf.logical_and(pos_mask, tf.stop_gradient(sim) < _DUPLICATE)
         return self._ms(sim, pos, neg_mask, pair_weights)
 
-    def weighted(self, sim, sel, pair_weights):
+    def weighted(
+        self,
+        sim: tf.Tensor,
+        sel: Mapping[str, tf.Tensor],
+        pair_weights: tf.Tensor,
+    ) -> tf.Tensor:
         return self._ms(sim, sel["pos"], sel["neg"], pair_weights)
 
-    def coefficients(self, sim, sel):
+    def coefficients(
+        self, sim: tf.Tensor, sel: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
         n = tf.cast(tf.shape(sim)[0], tf.float32)
         p = _f(sel["pos"])
         q = _f(sel["neg"])
@@ -219,7 +266,7 @@ class MMSIMultiSimilarityLoss(MMSIPairLoss):
         c = self.coefficient
         return c * (q * c_neg - p * c_pos) / n
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             alpha=self.alpha,
@@ -254,7 +301,9 @@ class MMSITripletLoss(MMSIPairLoss):
       margin: the triplet margin ``m`` on cosine similarity.
     """
 
-    def __init__(self, margin=0.1, name="mmsi_triplet_loss", **kwargs):
+    def __init__(
+        self, margin: float = 0.1, name: str = "mmsi_triplet_loss", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.margin = check_non_negative("margin", margin)
 
@@ -266,7 +315,9 @@ class MMSITripletLoss(MMSIPairLoss):
         )
         return active, viol
 
-    def select(self, sim, pos_mask, neg_mask):
+    def select(
+        self, sim: tf.Tensor, pos_mask: tf.Tensor, neg_mask: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         sim = tf.stop_gradient(sim)
         active, _ = self._active(sim, pos_mask, neg_mask)
         a = _f(active)
@@ -276,7 +327,14 @@ class MMSITripletLoss(MMSIPairLoss):
         count = tf.math.divide_no_nan(cnt_p + cnt_n, total)
         return {"pos": cnt_p > 0, "neg": cnt_n > 0, "count": count}
 
-    def pair_loss(self, sim, pos_mask, neg_mask, pair_weights=None, **context):
+    def pair_loss(
+        self,
+        sim: tf.Tensor,
+        pos_mask: tf.Tensor,
+        neg_mask: tf.Tensor,
+        pair_weights: tf.Tensor | None = None,
+        **context,
+    ) -> tf.Tensor:
         if pair_weights is not None:
             raise ValueError(
                 f"{type(self).__name__}'s G-form has no per-pair weights "
@@ -290,17 +348,24 @@ class MMSITripletLoss(MMSIPairLoss):
             tf.reduce_sum(tf.nn.relu(viol) * a, axis=[1, 2]), total
         )
 
-    def weighted(self, sim, sel, pair_weights):
+    def weighted(
+        self,
+        sim: tf.Tensor,
+        sel: Mapping[str, tf.Tensor],
+        pair_weights: tf.Tensor,
+    ) -> tf.Tensor:
         w = tf.cast(pair_weights, sim.dtype) * sel["count"]
         signed = (_f(sel["neg"]) - _f(sel["pos"])) * w * sim
         has = tf.reduce_any(tf.logical_or(sel["pos"], sel["neg"]), axis=1)
         return self.margin * _f(has) + tf.reduce_sum(signed, axis=1)
 
-    def coefficients(self, sim, sel):
+    def coefficients(
+        self, sim: tf.Tensor, sel: Mapping[str, tf.Tensor]
+    ) -> tf.Tensor:
         n = tf.cast(tf.shape(sim)[0], tf.float32)
         return (_f(sel["neg"]) - _f(sel["pos"])) * sel["count"] / n
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(margin=self.margin)
         return config

@@ -41,8 +41,15 @@ positive the official code divides by zero (NaN); here ``fallback`` decides:
 on every selected pair) or ``"zeros"`` (zero weights, the step still runs).
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
@@ -50,6 +57,7 @@ from tfdml import registry
 from tfdml.distribute import all_gather
 from tfdml.losses.base import References
 from tfdml.memory.class_dictionary import ClassDictionary
+from tfdml.meta.forms import MMSIPairLoss
 from tfdml.meta.forms import get_base
 from tfdml.models.dml_model import DMLModel
 from tfdml.models.dml_model import scale_loss_for_distribution
@@ -63,7 +71,12 @@ FALLBACKS = ("skip", "uniform", "zeros")
 PATHS = ("fast", "nested")
 
 
-def normalize_weights(raw, sel, normalization="joint", fallback="skip"):
+def normalize_weights(
+    raw: tf.Tensor,
+    sel: Mapping[str, tf.Tensor],
+    normalization: str = "joint",
+    fallback: str = "skip",
+) -> tuple[tf.Tensor, tf.Tensor]:
     """MMSI's ``Norm``: ``relu`` then division by the maximum.
 
     Args:
@@ -201,20 +214,20 @@ def _zeros_for_none(grads, values):
 
 
 def nested_raw_weights(
-    encoder,
-    base,
-    trainable,
-    non_trainable,
-    x,
-    y,
-    x_val,
-    y_val,
-    ref,
-    ref_labels,
-    ref_valid,
-    virtual_lr=1e-5,
-    ids=None,
-):
+    encoder: keras.Model,
+    base: MMSIPairLoss,
+    trainable: Sequence[tf.Variable],
+    non_trainable: Sequence[tf.Variable],
+    x: tf.Tensor,
+    y: tf.Tensor,
+    x_val: tf.Tensor,
+    y_val: tf.Tensor,
+    ref: tf.Tensor,
+    ref_labels: tf.Tensor,
+    ref_valid: tf.Tensor,
+    virtual_lr: float = 1e-5,
+    ids: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
     """Reference path: the literal virtual step with nested tapes.
 
     Single replica only. Returns ``(raw [B, B], sel, L_g)``.
@@ -268,20 +281,20 @@ def meta_direction(encoder, base, tv, ntv, x_val, y_val, ref, ref_lab, valid):
 
 
 def fast_raw_weights(
-    encoder,
-    base,
-    trainable,
-    non_trainable,
-    x,
-    y,
-    x_val,
-    y_val,
-    ref,
-    ref_labels,
-    ref_valid,
-    virtual_lr=1e-5,
-    ids=None,
-):
+    encoder: keras.Model,
+    base: MMSIPairLoss,
+    trainable: Sequence[tf.Variable],
+    non_trainable: Sequence[tf.Variable],
+    x: tf.Tensor,
+    y: tf.Tensor,
+    x_val: tf.Tensor,
+    y_val: tf.Tensor,
+    ref: tf.Tensor,
+    ref_labels: tf.Tensor,
+    ref_valid: tf.Tensor,
+    virtual_lr: float = 1e-5,
+    ids: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, dict[str, tf.Tensor], tf.Tensor]:
     """Closed form of the meta weights: ``raw = lr * a * JVP_v(S)``.
 
     Single-call convenience for tests; :class:`MMSIModel` inlines the same
@@ -357,20 +370,20 @@ class MMSIModel(DMLModel):
 
     def __init__(
         self,
-        encoder,
-        memory=None,
-        augmenter=None,
-        base_loss="contrastive",
-        num_classes=None,
-        d_size=1,
-        dictionary=None,
-        min_classes_before_update=0,
-        virtual_lr=1e-5,
-        path="fast",
-        normalization="joint",
-        fallback="skip",
-        weights_mode="meta",
-        weights_seed=0,
+        encoder: keras.Model,
+        memory: None = None,
+        augmenter: None = None,
+        base_loss: MMSIPairLoss | str | Mapping[str, Any] = "contrastive",
+        num_classes: int | None = None,
+        d_size: int = 1,
+        dictionary: ClassDictionary | None = None,
+        min_classes_before_update: int = 0,
+        virtual_lr: float = 1e-5,
+        path: str = "fast",
+        normalization: str = "joint",
+        fallback: str = "skip",
+        weights_mode: str = "meta",
+        weights_seed: int = 0,
         **kwargs,
     ):
         if memory is not None or augmenter is not None:
@@ -417,7 +430,12 @@ class MMSIModel(DMLModel):
         self.dictionary = dictionary
         self.meta_loss_tracker = keras.metrics.Mean(name="meta_loss")
 
-    def compile(self, optimizer="adam", loss=None, **kwargs):
+    def compile(
+        self,
+        optimizer: str | keras.optimizers.Optimizer = "adam",
+        loss: MMSIPairLoss | str | Mapping[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         """As :meth:`DMLModel.compile`; the loss defaults to the base loss
         (used as the G-form by ``evaluate``).
 
@@ -450,7 +468,7 @@ class MMSIModel(DMLModel):
             self.dictionary.num_classes_seen() >= self.min_classes_before_update
         )
 
-    def train_step(self, data):
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             raise ValueError(
                 "MMSIModel.train_step expects ((x, y), (x_val, y_val)) from a "
@@ -647,7 +665,7 @@ class MMSIModel(DMLModel):
         logs["gate_open"] = tf.cast(applied, tf.float32)
         return logs
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.pop("memory", None)
         config.pop("augmenter", None)
@@ -665,7 +683,7 @@ class MMSIModel(DMLModel):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> MMSIModel:
         config = dict(config)
         for key in ("encoder", "base_loss", "dictionary"):
             if isinstance(config.get(key), dict):
@@ -685,7 +703,12 @@ def _embedding_dim(encoder):
     )
 
 
-def validation_dataset(images, labels, classes_per_batch=10, seed=0):
+def validation_dataset(
+    images: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    classes_per_batch: int = 10,
+    seed: int = 0,
+) -> tf.data.Dataset:
     """Infinite K = 1 batches of ``classes_per_batch`` distinct classes.
 
     MMSI's "validation" batch is a resample of the **training** set (official
@@ -738,6 +761,8 @@ def validation_dataset(images, labels, classes_per_batch=10, seed=0):
     return tf.data.Dataset.range(2**62).map(sample)
 
 
-def meta_dataset(train_dataset, val_dataset):
+def meta_dataset(
+    train_dataset: tf.data.Dataset, val_dataset: tf.data.Dataset
+) -> tf.data.Dataset:
     """Zips training and validation batches for :class:`MMSIModel`.fit."""
     return tf.data.Dataset.zip((train_dataset, val_dataset))

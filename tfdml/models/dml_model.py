@@ -68,10 +68,16 @@ off under Mirrored/MultiWorker strategies: TF 2.20 cannot compile a step
 that touches per-replica variables on CPU.
 """
 
+from __future__ import annotations
+
 import inspect
 import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+from typing import Any
 
 import keras
+import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import ops
@@ -81,6 +87,9 @@ from tfdml.losses.base import PairLoss
 from tfdml.losses.base import References
 from tfdml.losses.proxy import ProxyLoss
 from tfdml.validation import check_non_negative
+
+if TYPE_CHECKING:
+    from tfdml.memory.xbm import CrossBatchMemory
 
 try:  # Keras 3 keeps these helpers outside the public API.
     from keras.src.losses.loss import scale_loss_for_distribution
@@ -135,11 +144,11 @@ class DMLModel(keras.Model):
 
     def __init__(
         self,
-        encoder,
-        memory=None,
-        augmenter=None,
-        classification_loss_weight=0.0,
-        classification_loss="sparse_ce",
+        encoder: keras.Model,
+        memory: CrossBatchMemory | None = None,
+        augmenter: Any = None,
+        classification_loss_weight: float = 0.0,
+        classification_loss: str = "sparse_ce",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -195,12 +204,18 @@ class DMLModel(keras.Model):
         self.built = True
 
     # -- Keras plumbing ----------------------------------------------------
-    def call(self, inputs, training=None):
+    def call(
+        self, inputs: tf.Tensor | npt.ArrayLike, training: bool | None = None
+    ) -> dict[str, tf.Tensor]:
         return self.encoder(inputs, training=training)
 
     def compile(
-        self, optimizer="adam", loss=None, proxy_optimizer=None, **kwargs
-    ):
+        self,
+        optimizer: str | keras.optimizers.Optimizer = "adam",
+        loss: PairLoss | ProxyLoss | str | Mapping[str, Any] | None = None,
+        proxy_optimizer: keras.optimizers.Optimizer | None = None,
+        **kwargs,
+    ) -> None:
         """``keras.Model.compile`` with a pair loss (instance or spec) or a
         proxy loss (:class:`tfdml.losses.ProxyLoss`, e.g. Proxy Anchor).
 
@@ -319,7 +334,7 @@ class DMLModel(keras.Model):
             ),
         )
 
-    def compile_from_config(self, config):
+    def compile_from_config(self, config: Mapping[str, Any]) -> None:
         """Re-compiles a loaded ``.keras`` model (optimizer, pair loss)."""
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
@@ -351,7 +366,14 @@ class DMLModel(keras.Model):
         return loss
 
     # -- building blocks (overridable; used by MMSIModel) -----------------
-    def forward(self, x, y, sample_weight=None, training=True, outputs=None):
+    def forward(
+        self,
+        x: tf.Tensor | npt.ArrayLike,
+        y: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+        training: bool = True,
+        outputs: Mapping[str, tf.Tensor] | None = None,
+    ) -> dict[str, Any]:
         """Encodes and gathers the batch.
 
         Args:
@@ -416,12 +438,14 @@ class DMLModel(keras.Model):
         batch["ids"] = self.example_ids(n)
         return batch
 
-    def example_ids(self, n):
+    def example_ids(self, n: int | tf.Tensor) -> tf.Tensor:
         """Ids ``seen, seen + 1, ...`` for the next ``n`` examples."""
         seen = tf.convert_to_tensor(self.examples_seen)
         return tf.math.floormod(seen + tf.range(n, dtype=tf.int32), ID_MODULUS)
 
-    def build_references(self, batch, training=True):
+    def build_references(
+        self, batch: Mapping[str, Any], training: bool = True
+    ) -> dict[str, Any]:
         """Batch + augmenter rows (training only) + memory slots.
 
         Returns a dict: ``refs``, a :class:`tfdml.losses.References`
@@ -515,7 +539,9 @@ class DMLModel(keras.Model):
             )
         return out
 
-    def per_anchor_loss(self, batch, refs):
+    def per_anchor_loss(
+        self, batch: Mapping[str, Any], refs: Mapping[str, Any]
+    ) -> tf.Tensor:
         """The compiled pair loss per anchor ``[B]`` (global batch).
 
         External per-pair weights are not a step input: MMSI weights its
@@ -547,7 +573,7 @@ class DMLModel(keras.Model):
             **context,
         )
 
-    def classification_loss(self, batch):
+    def classification_loss(self, batch: Mapping[str, Any]) -> tf.Tensor | None:
         """Sparse categorical CE on the logits (0 without weight)."""
         if self.classification_loss_weight == 0.0:
             return None
@@ -570,12 +596,12 @@ class DMLModel(keras.Model):
 
     def per_step_loss(
         self,
-        x,
-        y,
-        sample_weight=None,
-        training=True,
-        outputs=None,
-    ):
+        x: tf.Tensor | npt.ArrayLike,
+        y: tf.Tensor | npt.ArrayLike,
+        sample_weight: tf.Tensor | npt.ArrayLike | None = None,
+        training: bool = True,
+        outputs: Mapping[str, tf.Tensor] | None = None,
+    ) -> tuple[tf.Tensor, dict[str, Any]]:
         """Forward pass and total (unscaled) loss of one step.
 
         Args:
@@ -620,7 +646,7 @@ class DMLModel(keras.Model):
             )
         return total, state
 
-    def apply_updates(self, state):
+    def apply_updates(self, state: Mapping[str, Any]) -> None:
         """After the optimizer step: fills the memory, advances the ids."""
         if self.memory is not None:
             extra = {}
@@ -636,7 +662,9 @@ class DMLModel(keras.Model):
         seen = tf.convert_to_tensor(self.examples_seen)
         self.examples_seen.assign(tf.math.floormod(seen + n, ID_MODULUS))
 
-    def update_metrics(self, loss, state):
+    def update_metrics(
+        self, loss: tf.Tensor, state: Mapping[str, Any]
+    ) -> dict[str, tf.Tensor]:
         """Updates loss / pos_sim / neg_sim trackers; returns the logs."""
         n = tf.shape(state["labels"])[0]
         self._loss_tracker.update_state(loss, sample_weight=n)
@@ -680,7 +708,7 @@ class DMLModel(keras.Model):
         return logs
 
     # -- steps -------------------------------------------------------------
-    def train_step(self, data):
+    def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, y, sample_weight = _unpack(data)
         with tf.GradientTape() as tape:
             loss, state = self.per_step_loss(x, y, sample_weight, training=True)
@@ -706,17 +734,17 @@ class DMLModel(keras.Model):
         self.apply_updates(state)
         return self.update_metrics(loss, state)
 
-    def test_step(self, data):
+    def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, y, sample_weight = _unpack(data)
         loss, state = self.per_step_loss(x, y, sample_weight, training=False)
         return self.update_metrics(loss, state)
 
-    def predict_step(self, data):
+    def predict_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, _, _ = _unpack(data)
         return self.encoder(x, training=False)
 
     # -- serialisation -----------------------------------------------------
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = {
             "name": self.name,
             "encoder": keras.saving.serialize_keras_object(self.encoder),
@@ -732,7 +760,7 @@ class DMLModel(keras.Model):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: Mapping[str, Any]) -> DMLModel:
         config = dict(config)
         for key in ("encoder", "memory", "augmenter"):
             if isinstance(config.get(key), dict):

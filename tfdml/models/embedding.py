@@ -19,6 +19,11 @@ GeM pooling: Radenović, Tolias and Chum, "Fine-tuning CNN Image Retrieval
 with No Human Annotation", TPAMI 2018 (arXiv 1711.02512).
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -53,12 +58,12 @@ class BackbonePreprocessing(keras.layers.Layer):
 
     MODES = ("caffe", "tf", "torch", "raw255", "none")
 
-    def __init__(self, mode="none", to_rgb=False, **kwargs):
+    def __init__(self, mode: str = "none", to_rgb: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.mode = check_choice("mode", mode, self.MODES)
         self.to_rgb = bool(to_rgb)
 
-    def call(self, x):
+    def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.cast(x, self.compute_dtype)
         if self.to_rgb:
             x = tf.tile(x, [1, 1, 1, 3])
@@ -75,12 +80,14 @@ class BackbonePreprocessing(keras.layers.Layer):
             return x * 255.0
         return x
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: Sequence[int | None]
+    ) -> tuple[int | None, ...]:
         if self.to_rgb:
             return tuple(input_shape[:-1]) + (3,)
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(mode=self.mode, to_rgb=self.to_rgb)
         return config
@@ -102,7 +109,13 @@ class GeneralizedMeanPooling(keras.layers.Layer):
     Reference: Radenović et al., TPAMI 2018, Eq. (2).
     """
 
-    def __init__(self, p=3.0, trainable_p=True, epsilon=1e-6, **kwargs):
+    def __init__(
+        self,
+        p: float = 3.0,
+        trainable_p: bool = True,
+        epsilon: float = 1e-6,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.initial_p = check_positive("p", p)
         self.trainable_p = bool(trainable_p)
@@ -116,7 +129,7 @@ class GeneralizedMeanPooling(keras.layers.Layer):
             name="p",
         )
 
-    def call(self, x):
+    def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.cast(x, tf.float32)
         p = tf.maximum(tf.convert_to_tensor(self.p), 1.0)
         x = tf.pow(tf.maximum(x, self.epsilon), p)
@@ -124,10 +137,12 @@ class GeneralizedMeanPooling(keras.layers.Layer):
         out = tf.pow(x, 1.0 / p)
         return tf.cast(out, self.compute_dtype)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: Sequence[int | None]
+    ) -> tuple[int | None, ...]:
         return (input_shape[0], input_shape[-1])
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             p=self.initial_p,
@@ -141,10 +156,12 @@ class GeneralizedMeanPooling(keras.layers.Layer):
 class AvgMaxPooling(keras.layers.Layer):
     """Global average + global max pooling (summed, as in Proxy-Anchor)."""
 
-    def call(self, x):
+    def call(self, x: tf.Tensor) -> tf.Tensor:
         return tf.reduce_mean(x, axis=[1, 2]) + tf.reduce_max(x, axis=[1, 2])
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: Sequence[int | None]
+    ) -> tuple[int | None, ...]:
         return (input_shape[0], input_shape[-1])
 
 
@@ -152,19 +169,21 @@ class AvgMaxPooling(keras.layers.Layer):
 class L2Normalization(keras.layers.Layer):
     """L2 normalisation along the last axis, computed in float32."""
 
-    def __init__(self, epsilon=1e-12, **kwargs):
+    def __init__(self, epsilon: float = 1e-12, **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.epsilon = float(epsilon)
 
-    def call(self, x):
+    def call(self, x: tf.Tensor) -> tf.Tensor:
         x = tf.cast(x, tf.float32)
         return tf.math.l2_normalize(x, axis=-1, epsilon=self.epsilon)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: Sequence[int | None]
+    ) -> tuple[int | None, ...]:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(epsilon=self.epsilon)
         return config
@@ -179,12 +198,12 @@ BN_EPSILON = 1e-5
 
 
 def small_cnn(
-    input_shape=(64, 64, 1),
-    filters=(32, 64, 128),
-    name=None,
-    bn_momentum=BN_MOMENTUM,
-    bn_epsilon=BN_EPSILON,
-):
+    input_shape: Sequence[int] = (64, 64, 1),
+    filters: Sequence[int] = (32, 64, 128),
+    name: str | None = None,
+    bn_momentum: float = BN_MOMENTUM,
+    bn_epsilon: float = BN_EPSILON,
+) -> keras.Model:
     """A small conv net (Conv-BN-ReLU blocks) that trains on CPU.
 
     BatchNorm uses ``bn_momentum`` 0.9 and ``bn_epsilon`` 1e-5 (PyTorch's
@@ -217,7 +236,7 @@ def small_cnn(
     return keras.Model(inputs, x, name=name or "small_cnn")
 
 
-def freeze_batchnorm_layers(model):
+def freeze_batchnorm_layers(model: keras.Model) -> int:
     """Sets every BatchNormalization layer of ``model`` non-trainable.
 
     In Keras 3 a non-trainable BN layer runs in inference mode (moving
@@ -299,15 +318,15 @@ def _build_backbone(backbone, weights, shape):
 
 
 def build_embedding_model(
-    input_shape=(64, 64, 1),
-    backbone="small_cnn",
-    weights=None,
-    pooling="avg",
-    embedding_dim=128,
-    freeze_batchnorm=False,
-    num_classes=None,
-    name="embedding_model",
-):
+    input_shape: Sequence[int] = (64, 64, 1),
+    backbone: str | keras.Model = "small_cnn",
+    weights: str | None = None,
+    pooling: str = "avg",
+    embedding_dim: int = 128,
+    freeze_batchnorm: bool = False,
+    num_classes: int | None = None,
+    name: str = "embedding_model",
+) -> keras.Model:
     """Builds the tfdml encoder: images in ``[0, 1]`` -> dict of outputs.
 
     Args:
