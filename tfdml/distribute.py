@@ -5,10 +5,12 @@
 the global batch under ``MirroredStrategy`` / ``MultiWorkerMirroredStrategy``.
 """
 
+from __future__ import annotations
+
 import tensorflow as tf
 
 
-def all_gather(value, axis=0):
+def all_gather(value: tf.Tensor | None, axis: int = 0) -> tf.Tensor | None:
     """All-gathers ``value`` along ``axis`` across the replicas in sync.
 
     Called in a replica context (inside ``strategy.run`` or a Keras

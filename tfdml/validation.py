@@ -1,10 +1,15 @@
 """Argument checks shared by layers, losses, weightings and memories: one
 home, clear ``ValueError``s that name the argument (NaN is refused too)."""
 
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
 import numpy as np
 
 
-def check_int(name, value, minimum=1):
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
     """Returns ``int(value)``; raises naming the argument unless it is an
     integer (not a bool) ``>= minimum``."""
     if (
@@ -25,7 +30,7 @@ def _is_number(value):
     )
 
 
-def check_non_negative(name, value):
+def check_non_negative(name: str, value: Any) -> float:
     """Returns ``float(value)``; raises ``ValueError`` naming the argument
     unless ``value >= 0`` (None and NaN are refused)."""
     if not _is_number(value) or not value >= 0:
@@ -33,7 +38,7 @@ def check_non_negative(name, value):
     return float(value)
 
 
-def check_positive(name, value):
+def check_positive(name: str, value: Any) -> float:
     """Returns ``float(value)``; raises ``ValueError`` naming the argument
     unless ``value > 0`` (None and NaN are refused)."""
     if not _is_number(value) or not value > 0:
@@ -41,7 +46,7 @@ def check_positive(name, value):
     return float(value)
 
 
-def check_choice(name, value, choices):
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> Any:
     """Returns ``value``; raises ``ValueError`` naming the argument and the
     accepted values unless ``value`` is one of ``choices``."""
     if value not in choices:

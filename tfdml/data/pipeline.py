@@ -7,12 +7,31 @@ random permutations, so every class of the split is drawn once before any
 class repeats.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from tfdml.data.splits import split_classes
 
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
 
-def preprocess(image, image_size, channels):
+    from tfdml.data.sources import Source
+
+
+def preprocess(
+    image: tf.Tensor | npt.ArrayLike,
+    image_size: int | tuple[int, int],
+    channels: int,
+) -> tf.Tensor:
     """uint8 image(s) -> float32 in [0, 1] at the model's input size.
 
     Args:
@@ -60,7 +79,9 @@ def preprocess(image, image_size, channels):
     return tf.ensure_shape(x, [*x.shape[:-3], *size, channels])
 
 
-def make_augmentation(cfg, seed=None):
+def make_augmentation(
+    cfg: str | Mapping[str, Any] | None, seed: int | None = None
+) -> keras.Sequential | None:
     """Keras preprocessing layers for training images (or ``None``).
 
     Args:
@@ -143,7 +164,13 @@ def _check_pk(classes, classes_per_batch, samples_per_class):
         )
 
 
-def index_batches(labels, classes, classes_per_batch, samples_per_class, seed):
+def index_batches(
+    labels: npt.ArrayLike,
+    classes: npt.ArrayLike,
+    classes_per_batch: int,
+    samples_per_class: int,
+    seed: int,
+) -> Iterator[np.ndarray]:
     """Infinite generator of example-index batches ``[P * K]`` (numpy).
 
     Each batch has ``P`` distinct classes (taken in order from seeded
@@ -179,7 +206,12 @@ def index_batches(labels, classes, classes_per_batch, samples_per_class, seed):
         yield np.concatenate(batch).astype(np.int64)
 
 
-def steps_per_epoch(source, classes, classes_per_batch, samples_per_class):
+def steps_per_epoch(
+    source: Source | npt.ArrayLike,
+    classes: npt.ArrayLike,
+    classes_per_batch: int,
+    samples_per_class: int,
+) -> int:
     """``N_split // (P * K)`` (at least 1): batches per pass over a split."""
     labels = source.labels if hasattr(source, "labels") else source
     n = int(np.isin(np.asarray(labels), np.asarray(classes)).sum())
@@ -191,16 +223,16 @@ def _fixed_size_arrays(source):
 
 
 def balanced_dataset(
-    source,
-    classes,
-    classes_per_batch,
-    samples_per_class,
-    image_size,
-    channels,
-    seed=0,
-    augment=None,
-    example_ids=False,
-):
+    source: Source,
+    classes: npt.ArrayLike,
+    classes_per_batch: int,
+    samples_per_class: int,
+    image_size: int | tuple[int, int],
+    channels: int,
+    seed: int = 0,
+    augment: Callable[..., Any] | None = None,
+    example_ids: bool = False,
+) -> tf.data.Dataset:
     """Infinite P x K batches ``(float32 [P*K, H, W, C], int32 [P*K])``.
 
     Args:
@@ -276,13 +308,13 @@ def balanced_dataset(
 
 
 def eval_dataset(
-    source,
-    classes,
-    batch_size,
-    image_size,
-    channels,
-    max_per_class=None,
-):
+    source: Source,
+    classes: npt.ArrayLike,
+    batch_size: int,
+    image_size: int | tuple[int, int],
+    channels: int,
+    max_per_class: int | None = None,
+) -> tf.data.Dataset:
     """Finite batches ``(float32 images, int32 labels)`` of a split.
 
     Examples come in ascending index order; ``max_per_class`` keeps the
@@ -304,7 +336,9 @@ def eval_dataset(
     return ds.batch(batch_size)
 
 
-def split_indices(source, classes, max_per_class=None):
+def split_indices(
+    source: Source, classes: npt.ArrayLike, max_per_class: int | None = None
+) -> np.ndarray:
     """Example indices of ``classes`` (ascending), optionally capped."""
     idx = source.indices_of(classes)
     if max_per_class is not None:
@@ -320,7 +354,7 @@ def split_indices(source, classes, max_per_class=None):
     return idx
 
 
-def to_uint8_arrays(ds):
+def to_uint8_arrays(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Float [0, 1] batches -> (uint8 ``[N, H, W, C]``, int64 ``[N]``)."""
     xs, ys = [], []
     for x, y in ds.as_numpy_iterator():
@@ -331,7 +365,12 @@ def to_uint8_arrays(ds):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def load_split_arrays(config, split, source=None, batch_size=256):
+def load_split_arrays(
+    config: Mapping[str, Any],
+    split: str,
+    source: Source | None = None,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images ``[N, H, W, C]`` at the model size, labels) of a split.
 
     Args:

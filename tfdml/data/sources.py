@@ -6,10 +6,20 @@ example indices, either one at a time (:meth:`Source.load`) or as a
 ``tf.data.Dataset`` of ``(image, label)`` (:meth:`Source.dataset`).
 """
 
+from __future__ import annotations
+
 import os
 import zipfile
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -93,15 +103,17 @@ class Source:
         """Sorted distinct label ids (np.int64)."""
         return np.unique(self.labels)
 
-    def load(self, index):
+    def load(self, index: int) -> np.ndarray:
         """uint8 image ``[H, W, C]`` of example ``index``."""
         raise NotImplementedError
 
-    def load_batch(self, indices):
+    def load_batch(
+        self, indices: npt.ArrayLike
+    ) -> list[np.ndarray] | np.ndarray:
         """List of uint8 images for ``indices``."""
         return [self.load(int(i)) for i in indices]
 
-    def tf_load(self, index):
+    def tf_load(self, index: tf.Tensor) -> tf.Tensor:
         """Graph-mode loader: int64 scalar -> uint8 ``[H, W, C]`` tensor."""
         import tensorflow as tf
 
@@ -111,7 +123,7 @@ class Source:
         image.set_shape([None, None, None])
         return image
 
-    def dataset(self, indices):
+    def dataset(self, indices: npt.ArrayLike) -> tf.data.Dataset:
         """``tf.data`` of ``(uint8 image [H, W, C], int64 label)``."""
         import tensorflow as tf
 
@@ -124,7 +136,7 @@ class Source:
             deterministic=True,
         )
 
-    def indices_of(self, classes):
+    def indices_of(self, classes: npt.ArrayLike) -> np.ndarray:
         """Example indices (ascending) whose label is in ``classes``."""
         return np.flatnonzero(np.isin(self.labels, np.asarray(classes)))
 
@@ -143,7 +155,12 @@ class ArraySource(Source):
 
     label_ids = None
 
-    def __init__(self, images, labels, class_names=None):
+    def __init__(
+        self,
+        images: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        class_names: Sequence[str] | None = None,
+    ):
         labels = np.asarray(labels)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
@@ -180,15 +197,17 @@ class ArraySource(Source):
             labels, class_names
         )
 
-    def load(self, index):
+    def load(self, index: int) -> np.ndarray:
         return np.asarray(self.images[index])
 
-    def load_batch(self, indices):
+    def load_batch(
+        self, indices: npt.ArrayLike
+    ) -> list[np.ndarray] | np.ndarray:
         if isinstance(self.images, np.ndarray):
             return self.images[np.asarray(indices, np.int64)]
         return super().load_batch(indices)
 
-    def tf_load(self, index):
+    def tf_load(self, index: tf.Tensor) -> tf.Tensor:
         if not isinstance(self.images, np.ndarray):
             return super().tf_load(index)
         import tensorflow as tf
@@ -200,7 +219,7 @@ class ArraySource(Source):
         image.set_shape(shape)
         return image
 
-    def dataset(self, indices):
+    def dataset(self, indices: npt.ArrayLike) -> tf.data.Dataset:
         indices = np.asarray(indices, np.int64)
         if (
             not isinstance(self.images, np.ndarray)
@@ -217,7 +236,7 @@ class ArraySource(Source):
 class NpzSource(ArraySource):
     """``.npz`` file with ``X`` (uint8 images) and ``y`` (int labels)."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike[str]):
         if not os.path.isfile(path):
             raise ValueError(f"data.path: no such .npz file {path!r}")
         if not zipfile.is_zipfile(path):
@@ -267,7 +286,7 @@ class FolderSource(Source):
     Pillow on access.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike[str]):
         if not os.path.isdir(path):
             raise ValueError(f"data.path: no such folder {path!r}")
         names = sorted(
@@ -292,7 +311,7 @@ class FolderSource(Source):
         self.labels = np.asarray(labels, np.int64)
         self.class_names = names
 
-    def load(self, index):
+    def load(self, index: int) -> np.ndarray:
         from PIL import Image
 
         with Image.open(self.files[index]) as im:
@@ -318,12 +337,12 @@ class SyntheticSource(ArraySource):
 
     def __init__(
         self,
-        num_classes=24,
-        examples_per_class=16,
-        size=32,
-        channels=1,
-        seed=0,
-        max_shift=2,
+        num_classes: int = 24,
+        examples_per_class: int = 16,
+        size: int = 32,
+        channels: int = 1,
+        seed: int = 0,
+        max_shift: int = 2,
     ):
         if num_classes < 2:
             raise ValueError(
@@ -385,14 +404,14 @@ class TfdsSource(Source):
 
     def __init__(
         self,
-        name,
-        image_key="image",
-        label_key=None,
-        data_dir=None,
-        manual_dir=None,
-        split=None,
-        download=True,
-        builder_kwargs=None,
+        name: str,
+        image_key: str = "image",
+        label_key: str | None = None,
+        data_dir: str | None = None,
+        manual_dir: str | None = None,
+        split: str | None = None,
+        download: bool = True,
+        builder_kwargs: Mapping[str, Any] | None = None,
     ):
         import tensorflow_datasets as tfds
 
@@ -481,7 +500,7 @@ class TfdsSource(Source):
         self.encoded = None  # the array replaces the encoded bytes
         return out
 
-    def load(self, index):
+    def load(self, index: int) -> np.ndarray:
         import tensorflow as tf
 
         if self.images is not None:
@@ -490,7 +509,7 @@ class TfdsSource(Source):
             self.encoded[index], expand_animations=False
         ).numpy()
 
-    def tf_load(self, index):
+    def tf_load(self, index: tf.Tensor) -> tf.Tensor:
         import tensorflow as tf
 
         if self.images is not None:
@@ -531,7 +550,11 @@ def _require(cfg, key, source):
     return value
 
 
-def source_from_config(data_cfg, image_size=None, channels=None):
+def source_from_config(
+    data_cfg: Mapping[str, Any],
+    image_size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
+) -> Source:
     """Builds a :class:`Source` from a ``data`` config dict.
 
     ``data_cfg["source"]`` picks the kind:

@@ -23,9 +23,13 @@ The threshold is applied as ``similarity >= threshold`` (the export's
 ``matched`` flag, :func:`tfdml.export.export_saved_model`).
 """
 
+from __future__ import annotations
+
 import dataclasses
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from tfdml.eval.metrics import _prepare
 from tfdml.validation import check_int
@@ -50,7 +54,12 @@ class PrecisionUnreachableError(ValueError):
       best_threshold: the (lowest) threshold that reaches it.
     """
 
-    def __init__(self, target_precision, best_precision, best_threshold):
+    def __init__(
+        self,
+        target_precision: float,
+        best_precision: float,
+        best_threshold: float,
+    ):
         self.target_precision = float(target_precision)
         self.best_precision = float(best_precision)
         self.best_threshold = float(best_threshold)
@@ -93,7 +102,7 @@ class CalibrationResult:
     precisions: np.ndarray
     recalls: np.ndarray
 
-    def to_dict(self, curve=False):
+    def to_dict(self, curve: bool = False) -> dict[str, Any]:
         """Plain-Python summary (JSON-ready); ``curve=True`` adds the
         curve arrays as lists."""
         out = {
@@ -206,17 +215,17 @@ def _scores(q, ql, r, rl, mode, max_pairs, seed, block):
 
 
 def calibrate(
-    query_embeddings,
-    query_labels,
-    ref_embeddings=None,
-    ref_labels=None,
-    target_precision=None,
-    metric="f1",
-    mode="pairs",
-    max_pairs=MAX_PAIRS,
-    seed=0,
-    block_size=512,
-):
+    query_embeddings: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    ref_embeddings: npt.ArrayLike | None = None,
+    ref_labels: npt.ArrayLike | None = None,
+    target_precision: float | None = None,
+    metric: str = "f1",
+    mode: str = "pairs",
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+    block_size: int = 512,
+) -> CalibrationResult:
     """Finds the similarity threshold for a target precision or best F1.
 
     Embeddings are L2-normalised (cosine similarity). With
@@ -322,16 +331,16 @@ def calibrate(
 
 
 def precision_recall_at(
-    threshold,
-    query_embeddings,
-    query_labels,
-    ref_embeddings=None,
-    ref_labels=None,
-    mode="pairs",
-    max_pairs=MAX_PAIRS,
-    seed=0,
-    block_size=512,
-):
+    threshold: float,
+    query_embeddings: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    ref_embeddings: npt.ArrayLike | None = None,
+    ref_labels: npt.ArrayLike | None = None,
+    mode: str = "pairs",
+    max_pairs: int = MAX_PAIRS,
+    seed: int = 0,
+    block_size: int = 512,
+) -> dict[str, float | int]:
     """``{"precision", "recall", "f1", "num_pairs"}`` of a given threshold
     (e.g. one calibrated on validation data, checked on test data), on the
     predictions of :func:`calibrate` (same ``mode`` / sampling).

@@ -1,10 +1,17 @@
 """Keras callback: retrieval metrics on held-out classes every N epochs (or
 steps), optionally with the TensorBoard embedding projector files."""
 
+from __future__ import annotations
+
 import math
 import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
 
+import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 from keras import callbacks
 
@@ -71,22 +78,24 @@ class RetrievalEvaluationCallback(callbacks.Callback):
 
     def __init__(
         self,
-        dataset_or_arrays,
-        labels=None,
-        encoder=None,
-        every_n_epochs=1,
-        prefix="val_",
-        ks=(1, 2, 4, 8),
-        batch_size=128,
-        log_dir=None,
-        metric_options=None,
-        recalibrate_data=None,
-        recalibrate_batches=None,
-        every_n_steps=None,
-        step_log_dir=None,
-        projector_dir=None,
-        projector_points=1000,
-        projector_seed=0,
+        dataset_or_arrays: tf.data.Dataset
+        | tuple[npt.ArrayLike, npt.ArrayLike]
+        | npt.ArrayLike,
+        labels: npt.ArrayLike | None = None,
+        encoder: keras.Model | None = None,
+        every_n_epochs: int = 1,
+        prefix: str = "val_",
+        ks: Sequence[int] = (1, 2, 4, 8),
+        batch_size: int = 128,
+        log_dir: str | None = None,
+        metric_options: Mapping[str, Any] | None = None,
+        recalibrate_data: tf.data.Dataset | npt.ArrayLike | None = None,
+        recalibrate_batches: int | None = None,
+        every_n_steps: int | None = None,
+        step_log_dir: str | None = None,
+        projector_dir: str | None = None,
+        projector_points: int = 1000,
+        projector_seed: int = 0,
     ):
         super().__init__()
         if int(every_n_epochs) < 1:
@@ -149,7 +158,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
     def _net(self):
         return self.encoder if self.encoder is not None else self.model
 
-    def embed(self):
+    def embed(self) -> tuple[np.ndarray, np.ndarray]:
         """``(embeddings float32 [N, d], labels int64 [N])`` of the
         evaluation data (:func:`tfdml.eval.embed`, inference mode)."""
         net = self._net()
@@ -159,7 +168,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
             emb, y = embed(net, self._x, self.batch_size), self._y
         return emb, np.asarray(y).reshape(-1).astype(np.int64)
 
-    def recalibrate(self):
+    def recalibrate(self) -> int:
         """Precise BN on ``recalibrate_data`` (no-op when it is None)."""
         if self.recalibrate_data is None:
             return 0
@@ -172,7 +181,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
             batch_size=self.batch_size,
         )
 
-    def evaluate(self):
+    def evaluate(self) -> dict[str, float]:
         return self._evaluate()[0]
 
     def _evaluate(self):
@@ -202,7 +211,9 @@ class RetrievalEvaluationCallback(callbacks.Callback):
                 tf.summary.scalar(k + suffix, float(v), step=step)
         writer.flush()
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(
+        self, batch: int, logs: Mapping[str, Any] | None = None
+    ) -> None:
         if self.every_n_steps is None:
             return
         step = self._step()
@@ -214,7 +225,9 @@ class RetrievalEvaluationCallback(callbacks.Callback):
         self.step_history.append((step, named))
         self._write_scalars(named, step, by_step=True)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(
+        self, epoch: int, logs: Mapping[str, Any] | None = None
+    ) -> None:
         last = self.params and epoch + 1 == self.params.get("epochs")
         if (epoch + 1) % self.every_n_epochs and not last:
             return
@@ -259,7 +272,12 @@ class RetrievalEvaluationCallback(callbacks.Callback):
                 break
         return np.stack(out) if len(out) == len(idx) else None
 
-    def write_projector(self, embeddings, labels, epoch=None):
+    def write_projector(
+        self,
+        embeddings: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        epoch: int | None = None,
+    ) -> str:
         """Writes the projector files of ``embeddings`` (a seeded sample of
         at most ``projector_points``) to ``projector_dir``; returns the
         folder."""

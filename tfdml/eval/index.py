@@ -12,10 +12,13 @@ L2-normalised embeddings for cosine similarity. Ties are broken by the lower
 gallery index (``tf.math.top_k``).
 """
 
+from __future__ import annotations
+
 import json
 import os
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 
 
@@ -66,7 +69,12 @@ class BruteForceIndex:
       block_size: queries per matmul block.
     """
 
-    def __init__(self, embeddings, ids=None, block_size=1024):
+    def __init__(
+        self,
+        embeddings: npt.ArrayLike,
+        ids: npt.ArrayLike | None = None,
+        block_size: int = 1024,
+    ):
         self.embeddings, self.ids = _check_gallery(embeddings, ids)
         self.block_size = int(block_size)
         self._db = tf.constant(self.embeddings)
@@ -78,7 +86,9 @@ class BruteForceIndex:
     def dim(self):
         return self.embeddings.shape[1]
 
-    def search_indices(self, queries, k=10):
+    def search_indices(
+        self, queries: npt.ArrayLike, k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(gallery indices int [Nq, k], scores float32 [Nq, k])."""
         q, k = _check_query(queries, self.dim, k, len(self))
         idx, sc = [], []
@@ -90,12 +100,14 @@ class BruteForceIndex:
             return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
         return np.concatenate(idx), np.concatenate(sc)
 
-    def search(self, queries, k=10):
+    def search(
+        self, queries: npt.ArrayLike, k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids str [Nq, k], scores float32 [Nq, k]), best first."""
         i, s = self.search_indices(queries, k)
         return self.ids[i], s
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         os.makedirs(path, exist_ok=True)
         np.save(os.path.join(path, "embeddings.npy"), self.embeddings)
         np.save(os.path.join(path, "ids.npy"), self.ids)
@@ -103,7 +115,7 @@ class BruteForceIndex:
             json.dump({"type": "BruteForceIndex"}, f)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike[str]) -> BruteForceIndex:
         return cls(
             np.load(os.path.join(path, "embeddings.npy")),
             np.load(os.path.join(path, "ids.npy")),
@@ -187,7 +199,13 @@ class ScaNNIndex:
       **builder_options: see :func:`scann_builder`.
     """
 
-    def __init__(self, embeddings, ids=None, k=10, **builder_options):
+    def __init__(
+        self,
+        embeddings: npt.ArrayLike,
+        ids: npt.ArrayLike | None = None,
+        k: int = 10,
+        **builder_options,
+    ):
         self.embeddings, self.ids = _check_gallery(embeddings, ids)
         self.k = int(k)
         self.builder_options = dict(builder_options)
@@ -204,7 +222,9 @@ class ScaNNIndex:
     def dim(self):
         return self.embeddings.shape[1]
 
-    def search_indices(self, queries, k=None):
+    def search_indices(
+        self, queries: npt.ArrayLike, k: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         k = self.k if k is None else k
         q, k = _check_query(queries, self.dim, k, len(self))
         if len(q) == 0:
@@ -217,13 +237,15 @@ class ScaNNIndex:
             s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
         return i, s
 
-    def search(self, queries, k=None):
+    def search(
+        self, queries: npt.ArrayLike, k: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids str [Nq, k], scores float32 [Nq, k]); missing slots ``""``."""
         i, s = self.search_indices(queries, k)
         ids = np.where(i >= 0, self.ids[np.maximum(i, 0)], "")
         return ids, s
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the searcher state (``scann_to_tensors``) and the ids."""
         os.makedirs(path, exist_ok=True)
         tensors = self._ops.scann_to_tensors(self.searcher.searcher_handle)
@@ -235,7 +257,7 @@ class ScaNNIndex:
             json.dump({"type": "ScaNNIndex", "k": self.k}, f)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path: str | os.PathLike[str]) -> ScaNNIndex:
         ops = import_scann_ops()
         with open(os.path.join(path, "index.json")) as f:
             meta = json.load(f)

@@ -478,7 +478,12 @@ def metrics_from_ranks(
     return out
 
 
-def metrics_from_neighbors(neighbor_labels, query_labels, num_relevant, ks):
+def metrics_from_neighbors(
+    neighbor_labels: npt.ArrayLike,
+    query_labels: npt.ArrayLike,
+    num_relevant: npt.ArrayLike,
+    ks: Iterable[int] | int,
+) -> dict[str, float]:
     """Metrics from top-k neighbour label lists (self already removed).
 
     Used by the approximate mode: ``map`` and ``mrr`` only see the top k

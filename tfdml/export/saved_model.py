@@ -47,11 +47,21 @@ Scores are dot products of L2-normalised embeddings (cosine); ties are
 broken by the lower gallery index (brute force).
 """
 
+from __future__ import annotations
+
 import os
 import warnings
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    import keras
 
 INDEX_CHOICES = ("brute_force", "scann", "both")
 _ALIASES = {"bruteforce": "brute_force", "brute-force": "brute_force"}
@@ -211,11 +221,15 @@ def _check_database(database, d=None, name="database"):
 
 
 def validate_gallery(
-    images,
-    labels=None,
-    ids=None,
-    names=("gallery_images", "database_labels", "database_ids"),
-):
+    images: npt.ArrayLike,
+    labels: npt.ArrayLike | None = None,
+    ids: npt.ArrayLike | None = None,
+    names: Sequence[str] = (
+        "gallery_images",
+        "database_labels",
+        "database_ids",
+    ),
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Checks a gallery before anything is embedded or written.
 
     Raises ValueError, naming the argument, for: an empty gallery; images
@@ -242,7 +256,13 @@ def validate_gallery(
     return images, labels, ids
 
 
-def images_to_float(x, height, width, channels, name="gallery"):
+def images_to_float(
+    x: npt.ArrayLike,
+    height: int,
+    width: int,
+    channels: int,
+    name: str = "gallery",
+) -> np.ndarray:
     """uint8 [N, H, W] / [N, H, W, C] (or float in [0, 1]) -> float32
     [N, height, width, C] in [0, 1].
 
@@ -399,14 +419,14 @@ def _decoder(h, w, c):
 
 
 def build_archive(
-    encoder,
-    gallery_embeddings,
-    gallery_ids,
-    index="brute_force",
-    k=10,
-    scann_options=None,
-    threshold=None,
-):
+    encoder: keras.Model,
+    gallery_embeddings: npt.ArrayLike,
+    gallery_ids: npt.ArrayLike,
+    index: str = "brute_force",
+    k: int = 10,
+    scann_options: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
+) -> tuple[keras.export.ExportArchive, tf.saved_model.SaveOptions]:
     """(ExportArchive, SaveOptions) for one index variant (``threshold``:
     see :func:`check_threshold`; adds ``matched`` to the searches)."""
     import keras
@@ -562,21 +582,21 @@ _RENAMED = {
 
 
 def export_saved_model(
-    encoder,
-    out_dir,
-    gallery=None,
-    gallery_labels=None,
-    gallery_ids=None,
-    gallery_images=None,
-    index="brute_force",
-    name="tfdml",
-    version=1,
-    k=10,
-    batch_size=128,
-    scann_options=None,
-    threshold=None,
+    encoder: keras.Model,
+    out_dir: str | os.PathLike[str],
+    gallery: npt.ArrayLike | None = None,
+    gallery_labels: npt.ArrayLike | None = None,
+    gallery_ids: npt.ArrayLike | None = None,
+    gallery_images: npt.ArrayLike | None = None,
+    index: str = "brute_force",
+    name: str = "tfdml",
+    version: int = 1,
+    k: int = 10,
+    batch_size: int = 128,
+    scann_options: Mapping[str, Any] | None = None,
+    threshold: float | None = None,
     **renamed,
-):
+) -> dict[str, str]:
     """Writes ``out_dir/<name>/<version>/`` (and ``<name>_scann`` for both).
 
     Args:
