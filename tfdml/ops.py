@@ -116,6 +116,51 @@ def relevance(labels, ref_labels):
     return tf.equal(labels[:, None], ref_labels[None, :])
 
 
+_label_relevance = relevance
+
+
+def relevance_matrix(relevance, labels, ref_labels):
+    """The bool ``[B, M]`` relevance of ``relevance`` (a matrix, or a
+    function of ``(labels, ref_labels)``), checked: bool dtype, rank 2,
+    ``B`` rows and ``M`` columns (``ValueError`` when static, else an
+    ``InvalidArgumentError``; XLA drops the assert)."""
+    if callable(relevance):
+        rel = tf.convert_to_tensor(relevance(labels, ref_labels))
+        what = "the relevance function's result"
+    else:
+        rel = tf.convert_to_tensor(relevance)
+        what = "`relevance`"
+    if rel.dtype != tf.bool:
+        raise ValueError(
+            f"{what} must be a bool [batch, references] matrix (True: "
+            f"relevant); received dtype {rel.dtype.name}."
+        )
+    if rel.shape.rank is not None and rel.shape.rank != 2:
+        raise ValueError(
+            f"{what} must have rank 2 [batch, references]; received shape "
+            f"{rel.shape}."
+        )
+    b, m = labels.shape[0], ref_labels.shape[0]
+    if rel.shape.rank == 2:
+        for got, want, axis in (
+            (rel.shape[0], b, "rows"),
+            (rel.shape[1], m, "columns"),
+        ):
+            if got is not None and want is not None and got != want:
+                raise ValueError(
+                    f"{what} has {got} {axis}; the pair set has {want} "
+                    f"({'anchors' if axis == 'rows' else 'references'}); "
+                    f"received shape {rel.shape}."
+                )
+    check = tf.debugging.assert_equal(
+        tf.shape(rel),
+        tf.stack([tf.shape(labels)[0], tf.shape(ref_labels)[0]]),
+        message=f"{what} must be [batch, references]",
+    )
+    with tf.control_dependencies([check] if check is not None else []):
+        return tf.identity(rel)
+
+
 def l2_normalize(x, axis=-1):
     """L2 normalisation computed in float32 (for float16/bfloat16 inputs)."""
     x = tf.cast(x, tf.float32)
@@ -185,7 +230,14 @@ def distance_from_similarity(sim):
     )
 
 
-def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
+def pair_masks(
+    labels,
+    ref_labels=None,
+    ids=None,
+    ref_ids=None,
+    ref_valid=None,
+    relevance=None,
+):
     """Positive and negative masks ``[B, M]``, self-pairs (same id)
     excluded from both (they matter for a multi-hot row with no label,
     which is a negative of every *other* row).
@@ -202,6 +254,11 @@ def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
         so that no reference matches an anchor by accident).
       ref_valid: optional ``[M]`` bool; invalid references (empty memory
         slots) are in neither mask.
+      relevance: optional, instead of the labels' own relevance: a bool
+        ``[B, M]`` matrix (True: the pair is relevant, a positive) or a
+        function ``(labels int32, ref_labels int32) -> bool [B, M]`` (see
+        :func:`relevance_matrix`). Self pairs and invalid references are
+        still excluded from both masks.
 
     Returns:
       ``(pos_mask, neg_mask)``, bool ``[B, M]``.
@@ -219,7 +276,10 @@ def pair_masks(labels, ref_labels=None, ids=None, ref_ids=None, ref_valid=None):
     if ref_ids is None:
         ref_ids = -1 - tf.range(tf.shape(ref_labels)[0], dtype=tf.int32)
     ref_ids = tf.cast(ref_ids, tf.int32)
-    same = relevance(labels, ref_labels)
+    if relevance is None:
+        same = _label_relevance(labels, ref_labels)
+    else:
+        same = relevance_matrix(relevance, labels, ref_labels)
     not_self = tf.not_equal(ids[:, None], ref_ids[None, :])
     pos = tf.logical_and(same, not_self)
     # A multi-hot row with no label is not relevant to itself: its self pair

@@ -39,6 +39,7 @@ reports as a non-finite loss.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
@@ -305,6 +306,16 @@ class PairLoss(keras.losses.Loss):
         applied to the masks before the loss.
       normalize: L2-normalise embeddings before the cosine similarity
         (idempotent for tfdml models, whose embeddings are already unit norm).
+      relevance: optional function ``(labels, ref_labels) -> bool [B, M]``
+        deciding which pairs are relevant (positives) instead of "same class
+        id" / "intersecting label sets" (:func:`tfdml.ops.relevance`); it
+        receives the validated labels (int32 class ids ``[B]`` / ``[M]``, or
+        multi-hot rows). E.g. a class hierarchy: ``lambda a, b:
+        tf.equal(tf.gather(parent, a)[:, None], tf.gather(parent, b)[None,
+        :])``. Serialised with ``keras.saving.serialize_keras_object`` (use
+        a function registered with ``keras.saving.register_keras_serializable``
+        to save and load the loss). ``per_anchor(relevance=)`` takes a matrix
+        for one call instead.
       **kwargs: passed to ``keras.losses.Loss`` (``name``, ``reduction``,
         ``dtype``).
     """
@@ -313,11 +324,21 @@ class PairLoss(keras.losses.Loss):
         self,
         miner: mining_base.Miner | str | Mapping[str, Any] | None = None,
         normalize: bool = True,
+        relevance: Callable[[tf.Tensor, tf.Tensor], tf.Tensor] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.miner = mining_base.get(miner)
         self.normalize = bool(normalize)
+        if isinstance(relevance, (str, dict)):
+            relevance = keras.saving.deserialize_keras_object(relevance)
+        if relevance is not None and not callable(relevance):
+            raise ValueError(
+                "`relevance` must be a function (labels, ref_labels) -> bool "
+                "[batch, references] or None (a matrix goes to "
+                f"per_anchor(relevance=)); received {relevance!r}."
+            )
+        self.relevance = relevance
 
     # -- Keras entry point -------------------------------------------------
     def __call__(
@@ -332,9 +353,12 @@ class PairLoss(keras.losses.Loss):
         if labels.shape[0] == 0 and self.reduction not in (None, "none"):
             # Keras returns the [0] per-anchor tensor for an empty batch.
             return tf.cast(tf.reduce_sum(checked), self.dtype)
-        return super().__call__(
-            first_position(labels), checked, sample_weight=sample_weight
-        )
+        # A relevance function reads the class ids themselves (exact in
+        # float32 below 2**24); otherwise only the grouping matters.
+        grouped = labels if self.relevance is not None else None
+        if grouped is None:
+            grouped = first_position(labels)
+        return super().__call__(grouped, checked, sample_weight=sample_weight)
 
     def call(
         self,
@@ -352,6 +376,7 @@ class PairLoss(keras.losses.Loss):
         ids: tf.Tensor | npt.ArrayLike | None = None,
         pair_weights: tf.Tensor | None = None,
         *legacy,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` against an optional reference set.
@@ -365,6 +390,10 @@ class PairLoss(keras.losses.Loss):
             anchor's id is the anchor itself and is never a positive (see
             :func:`tfdml.ops.pair_masks`).
           pair_weights: optional ``[B, M]`` external pair weights (MMSI).
+          relevance: optional bool ``[B, M]`` relevance matrix for this call
+            (True: a positive pair), instead of the labels' relevance and of
+            the loss's ``relevance`` function; self pairs and invalid
+            references stay excluded.
           **context: extra per-example inputs for weightings (e.g. ``probs``,
             ``ref_probs``).
 
@@ -380,13 +409,36 @@ class PairLoss(keras.losses.Loss):
             embeddings, labels, ref_embeddings, ref_labels
         )
         sim = self.similarity(embeddings, ref_embeddings)
-        pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
+        pos, neg = self.pair_masks(
+            labels, ref_labels, ids, ref_ids, ref_valid, relevance
+        )
         if self.miner is not None:
             pos, neg = self.miner(sim, pos, neg)
         loss = self.pair_loss(
             sim, pos, neg, pair_weights=pair_weights, **context
         )
         return nan_if_not_finite(loss, embeddings, ref_embeddings)
+
+    def pair_masks(
+        self,
+        labels: tf.Tensor,
+        ref_labels: tf.Tensor | None = None,
+        ids: tf.Tensor | None = None,
+        ref_ids: tf.Tensor | None = None,
+        ref_valid: tf.Tensor | None = None,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(pos_mask, neg_mask) [B, M]`` (:func:`tfdml.ops.pair_masks`)
+        with ``relevance`` (a matrix) or else the loss's ``relevance``
+        function deciding which pairs are relevant."""
+        return ops.pair_masks(
+            labels,
+            ref_labels,
+            ids,
+            ref_ids,
+            ref_valid,
+            relevance=relevance if relevance is not None else self.relevance,
+        )
 
     def similarity(
         self,
@@ -417,6 +469,10 @@ class PairLoss(keras.losses.Loss):
                 "normalize": self.normalize,
             }
         )
+        if self.relevance is not None:
+            config["relevance"] = keras.saving.serialize_keras_object(
+                self.relevance
+            )
         return config
 
     @classmethod

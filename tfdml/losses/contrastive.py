@@ -287,6 +287,7 @@ class ContrastiveLoss(PairLoss):
         ids: tf.Tensor | npt.ArrayLike | None = None,
         pair_weights: tf.Tensor | None = None,
         *legacy,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
         """As :meth:`PairLoss.per_anchor`; without a miner and pair weights
@@ -304,6 +305,8 @@ class ContrastiveLoss(PairLoss):
             not self.fused
             or self.miner is not None
             or pair_weights is not None
+            or relevance is not None
+            or self.relevance is not None
             or cls.pair_loss is not ContrastiveLoss.pair_loss
             or cls.similarity is not PairLoss.similarity
         ):
@@ -313,6 +316,7 @@ class ContrastiveLoss(PairLoss):
                 refs,
                 ids,
                 pair_weights=pair_weights,
+                relevance=relevance,
                 **context,
             )
         embeddings, labels, ref_embeddings, ref_labels = check_inputs(

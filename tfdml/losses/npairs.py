@@ -122,8 +122,16 @@ class NPairsLoss(PairLoss):
         ids: tf.Tensor | npt.ArrayLike | None = None,
         pair_weights: tf.Tensor | None = None,
         *legacy,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
+        if relevance is not None or self.relevance is not None:
+            raise ValueError(
+                f"{type(self).__name__} takes one positive per class (the "
+                "first reference of each label); a relevance matrix or "
+                "function does not define one. Use labels (class ids or "
+                "multi-hot rows), or another pair loss."
+            )
         refs, ids, pair_weights = as_references(
             refs, ids, context, pair_weights, legacy
         )

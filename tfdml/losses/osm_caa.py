@@ -255,6 +255,7 @@ class WeightedContrastiveLoss(PairLoss):
         ids: tf.Tensor | npt.ArrayLike | None = None,
         pair_weights: tf.Tensor | None = None,
         *legacy,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
         refs, ids, pair_weights = as_references(
@@ -280,7 +281,9 @@ class WeightedContrastiveLoss(PairLoss):
             )
         sim = tf.matmul(a, b, transpose_b=True)
         dist = ops.pairwise_distance(a, b)
-        pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
+        pos, neg = self.pair_masks(
+            labels, ref_labels, ids, ref_ids, ref_valid, relevance
+        )
         if ref_embeddings is not None:
             multiplicity = 1.0
             if ids is not None and ref_ids is not None:

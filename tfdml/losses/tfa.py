@@ -257,6 +257,7 @@ class _TfaEmbeddingLoss(PairLoss):
         ids: tf.Tensor | npt.ArrayLike | None = None,
         pair_weights: tf.Tensor | None = None,
         *legacy,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` (see the module docstring)."""
@@ -278,7 +279,9 @@ class _TfaEmbeddingLoss(PairLoss):
         dist = tfa_distance(
             embeddings, ref_embeddings, self.distance_metric_name()
         )
-        pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
+        pos, neg = self.pair_masks(
+            labels, ref_labels, ids, ref_ids, ref_valid, relevance
+        )
         return nan_if_not_finite(
             self.distance_loss(dist, pos, neg), embeddings, ref_embeddings
         )

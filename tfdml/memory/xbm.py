@@ -244,6 +244,7 @@ class CrossBatchMemory(keras.layers.Layer):
         refs: References,
         *legacy,
         pair_weights: tf.Tensor | None = None,
+        relevance: tf.Tensor | npt.ArrayLike | None = None,
         **context,
     ) -> tf.Tensor:
         """Per-anchor loss ``[B]`` with the memory term weighted and reduced.
@@ -251,7 +252,8 @@ class CrossBatchMemory(keras.layers.Layer):
         ``refs`` (a :class:`tfdml.losses.References`) are ``[other
         references; memory]``: their last ``size`` rows are
         :meth:`references` (as ``DMLModel`` builds them). ``pair_weights [B,
-        R]`` and the ``ref_*`` entries of ``context`` are split the same way;
+        R]``, a ``relevance [B, R]`` matrix and the ``ref_*`` entries of
+        ``context`` are split the same way;
         other context entries are per anchor. The old form ``per_anchor(loss,
         embeddings, labels, ids, ref_embeddings, ref_labels, ref_ids,
         ref_valid)`` still works with a ``DeprecationWarning``.
@@ -285,7 +287,7 @@ class CrossBatchMemory(keras.layers.Layer):
                 refs,
                 ids,
                 pair_weights=pair_weights,
-                **context,
+                **_with_relevance(context, relevance),
             )
         ref_embeddings, ref_labels, ref_ids, ref_valid = refs
         total = ref_labels.shape[0]
@@ -323,7 +325,7 @@ class CrossBatchMemory(keras.layers.Layer):
             References(*(head(t) for t in refs)),
             ids,
             pair_weights=head(pair_weights, 1),
-            **head_ctx,
+            **_with_relevance(head_ctx, head(relevance, 1)),
         )
         term_loss = loss if mode == "sum" else self._averaged_loss(loss, True)
         memory_term = term_loss.per_anchor(
@@ -340,7 +342,7 @@ class CrossBatchMemory(keras.layers.Layer):
             ),
             ids,
             pair_weights=tail(pair_weights, 1),
-            **tail_ctx,
+            **_with_relevance(tail_ctx, tail(relevance, 1)),
         )
         return batch_term + self.memory_weight * memory_term
 
@@ -507,6 +509,14 @@ class CrossBatchMemory(keras.layers.Layer):
 
 def _no_gradient(t):
     return None if t is None else tf.stop_gradient(t)
+
+
+def _with_relevance(context, relevance):
+    """``context`` plus ``relevance=`` when a matrix is given (losses that
+    predate the argument keep receiving only their own context)."""
+    if relevance is None:
+        return context
+    return {**context, "relevance": relevance}
 
 
 def _check_weight(value):

@@ -673,7 +673,13 @@ class DMLModel(keras.Model):
         ref = tf.stop_gradient(refs.embeddings)
         sim = ops.cosine_similarity(emb, ref)
         pos, neg = ops.pair_masks(
-            state["labels"], refs.labels, state["ids"], refs.ids, refs.valid
+            state["labels"],
+            refs.labels,
+            state["ids"],
+            refs.ids,
+            refs.valid,
+            # The loss's own notion of a relevant pair, if it has one.
+            relevance=getattr(self.loss, "relevance", None),
         )
         for tracker, mask in (
             (self.pos_sim_tracker, pos),
