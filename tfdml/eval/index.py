@@ -55,7 +55,7 @@ def _check_query(queries, dim, k, size):
     return q, k
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _topk(q, db, k):
     return tf.math.top_k(tf.matmul(q, db, transpose_b=True), k=k)
 

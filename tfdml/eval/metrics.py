@@ -198,7 +198,7 @@ def _class_tables(ql, rl, self_idx):
     return order.astype(np.int64), start, count, r, max(r_max, 1)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _relevant_scores(q, ql, qidx, refs, order, start, count, r_max):
     """Sorted scores and indices of each query's relevant references."""
     offs = tf.range(r_max, dtype=tf.int64)
@@ -240,7 +240,7 @@ def _negatives(ql, qidx, rl_c, offset, c):
     return neg & (cols[None, :] != qidx[:, None])
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _dense_buckets(s, ql, qidx, rel_scores, rel_idx, rl_c, offset, r_max):
     """[B, C] relevant items ranked before each reference (R + 1: not a
     negative).
@@ -300,7 +300,7 @@ _UNROLL_LIMIT = 64
 _SPARSE_LIMIT = 1 << 24
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _count_chunk(
     q,
     ql,
@@ -553,7 +553,7 @@ def _resolve_metrics(metrics, ks):
     return (rk or ks), order
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _topk_block(q, refs, n, kk, group):
     """Top ``kk`` of the first ``n`` references for each query, ordered by
     (score desc, index asc).
@@ -572,12 +572,14 @@ def _topk_block(q, refs, n, kk, group):
     if group <= 1:
         return tf.math.top_k(s, k=kk).indices
     b = tf.shape(s)[0]
-    maxima = tf.reduce_max(tf.reshape(s, [b, -1, group]), axis=2)
+    grouped = tf.reshape(s, [b, -1, group])
+    maxima = tf.reduce_max(grouped, axis=2)
     _, chosen = tf.math.top_k(maxima, k=kk + 1)
     chosen = tf.sort(chosen, axis=1)
     cols = chosen[:, :, None] * group + tf.range(group)[None, None, :]
     cols = tf.reshape(cols, [b, -1])
-    vals = tf.gather(s, cols, batch_dims=1)
+    # Whole groups (``group`` contiguous scores each), not single scores.
+    vals = tf.reshape(tf.gather(grouped, chosen, batch_dims=1), [b, -1])
     vals = tf.where(cols < n, vals, -np.inf)
     pos = tf.math.top_k(vals, k=kk).indices
     return tf.gather(cols, pos, batch_dims=1)
