@@ -479,11 +479,16 @@ def tfdml_train(cfg, unit):
     import keras
     import tensorflow as tf
 
+    from tfdml.data import without_autotune
     from tfdml.models import DMLModel
 
     keras.utils.set_random_seed(0)
     x, y = pk_images(64, cfg["train_p"], K)
-    ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+    # As train.py's pipeline: no autotune model thread, whose back-off sleep
+    # stalled the end of fit (tfdml.data.without_autotune).
+    ds = without_autotune(
+        tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+    )
     model = DMLModel(vs_pml.tfdml_encoder(x.shape[1:]))
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3), loss=vs_pml.tfdml_loss("ms")

@@ -72,6 +72,7 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from tfdml import registry
+from tfdml.data.pipeline import without_autotune
 from tfdml.validation import check_int
 from tfdml.variables import state_variable
 
@@ -1042,7 +1043,10 @@ class IAARefresh(keras.callbacks.Callback):
         num_classes = self.augmenter.estimator.num_classes
         counts, full = {}, 0
         xs, ys, size = [], [], None
-        for batch in self.dataset:
+        data = self.dataset
+        if isinstance(data, tf.data.Dataset):
+            data = without_autotune(data)
+        for batch in data:
             x, y = _unpack(batch)
             x = np.asarray(x)
             y = np.asarray(y).reshape(-1)

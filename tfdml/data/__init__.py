@@ -14,6 +14,7 @@ from tfdml.data.pipeline import preprocess  # noqa: F401
 from tfdml.data.pipeline import split_indices  # noqa: F401
 from tfdml.data.pipeline import steps_per_epoch  # noqa: F401
 from tfdml.data.pipeline import to_uint8_arrays  # noqa: F401
+from tfdml.data.pipeline import without_autotune  # noqa: F401
 from tfdml.data.sources import ArraySource  # noqa: F401
 from tfdml.data.sources import FolderSource  # noqa: F401
 from tfdml.data.sources import NpzSource  # noqa: F401

@@ -15,6 +15,7 @@ import numpy.typing as npt
 import tensorflow as tf
 from keras import callbacks
 
+from tfdml.data.pipeline import without_autotune
 from tfdml.eval.embed import embed
 from tfdml.eval.metrics import retrieval_metrics
 from tfdml.validation import check_int
@@ -258,7 +259,7 @@ class RetrievalEvaluationCallback(callbacks.Callback):
             x = self._x
             return x[idx] if x.ndim in (3, 4) else None
         want, out, start = set(idx.tolist()), [], 0
-        for batch in self._ds:
+        for batch in without_autotune(self._ds):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = np.asarray(x)
             if x.ndim not in (3, 4):

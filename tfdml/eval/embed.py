@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from tfdml.data.pipeline import without_autotune
+
 # model -> {(training, output, shape, dtype): tf.function}
 _FUNCTIONS = weakref.WeakKeyDictionary()
 
@@ -281,7 +283,9 @@ def embed(
             ds = ds.map(lambda *e: (e[0], e[1]))
         else:
             ds = ds.map(lambda *e: e[0])
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    # No autotune model thread: its back-off sleep would stall the end of
+    # every call (tfdml.data.without_autotune).
+    ds = without_autotune(ds.prefetch(tf.data.AUTOTUNE))
     embs, ys = [], []
     for element in ds:
         if from_ds and want_labels:

@@ -27,6 +27,8 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from tfdml.data.pipeline import without_autotune
+
 
 def batchnorm_layers(
     model: keras.Model, trainable_only: bool = True
@@ -62,7 +64,7 @@ def _images_of(batch):
 def _batches(data, num_batches, batch_size):
     if isinstance(data, tf.data.Dataset):
         ds = data if num_batches is None else data.take(num_batches)
-        for batch in ds:
+        for batch in without_autotune(ds):
             yield _images_of(batch)
         return
     x = np.asarray(_images_of(data))

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 
+from tfdml.data.pipeline import without_autotune
 from tfdml.training import run_dir as run_dir_lib
 from tfdml.training.build import apply_init_from
 from tfdml.training.build import build_model
@@ -428,4 +429,6 @@ def train_dataset(cfg, built, start, strategy=None):
             tf.data.experimental.AutoShardPolicy.DATA
         )
         ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # No autotune model thread: destroying its iterator at the end of fit
+    # waited for its back-off sleep (tfdml.data.without_autotune).
+    return without_autotune(ds.prefetch(tf.data.AUTOTUNE))
