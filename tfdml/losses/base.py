@@ -355,10 +355,9 @@ class PairLoss(keras.losses.Loss):
             return tf.cast(tf.reduce_sum(checked), self.dtype)
         # A relevance function reads the class ids themselves (exact in
         # float32 below 2**24); otherwise only the grouping matters.
-        grouped = labels if self.relevance is not None else None
-        if grouped is None:
-            grouped = first_position(labels)
-        return super().__call__(grouped, checked, sample_weight=sample_weight)
+        if self.relevance is None:
+            labels = first_position(labels)
+        return super().__call__(labels, checked, sample_weight=sample_weight)
 
     def call(
         self,

@@ -33,6 +33,23 @@ from tfdml.validation import check_int
 from tfdml.variables import state_variable
 
 
+def check_class_ids(
+    labels: tf.Tensor, owner: str, name: str = "labels", fix: str = ""
+) -> None:
+    """Raises ``ValueError`` unless ``labels`` (static rank) are class ids
+    ``[n]`` or ``[n, 1]``: features are kept per class, so multi-hot or
+    higher-rank labels have no slot. ``fix`` is appended to the message."""
+    shape = labels.shape
+    if shape.rank is not None and (
+        shape.rank > 2 or (shape.rank == 2 and shape[-1] != 1)
+    ):
+        raise ValueError(
+            f"{owner} keeps features per class: `{name}` must be int class "
+            f"ids [n] (or [n, 1]); received {name} of shape {shape} "
+            f"(multi-hot labels are not supported{fix})."
+        )
+
+
 @registry.register
 class ClassDictionary(keras.layers.Layer):
     """Per-class FIFO of at most ``d_size`` feature vectors.
@@ -157,15 +174,7 @@ class ClassDictionary(keras.layers.Layer):
                 f"shape {feats.shape}."
             )
         labels = tf.convert_to_tensor(labels)
-        if labels.shape.rank is not None and (
-            labels.shape.rank > 2
-            or (labels.shape.rank == 2 and labels.shape[-1] != 1)
-        ):
-            raise ValueError(
-                "ClassDictionary keeps features per class: `labels` must be "
-                f"int class ids [n] (or [n, 1]); received shape "
-                f"{labels.shape} (multi-hot labels are not supported)."
-            )
+        check_class_ids(labels, "ClassDictionary")
         labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
         c, k = self.num_classes, self.d_size
         in_range = tf.logical_and(labels >= 0, labels < c)

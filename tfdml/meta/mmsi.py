@@ -57,6 +57,7 @@ from tfdml import registry
 from tfdml.distribute import all_gather
 from tfdml.losses.base import References
 from tfdml.memory.class_dictionary import ClassDictionary
+from tfdml.memory.class_dictionary import check_class_ids
 from tfdml.meta.forms import MMSIPairLoss
 from tfdml.meta.forms import get_base
 from tfdml.models.dml_model import DMLModel
@@ -479,16 +480,12 @@ class MMSIModel(DMLModel):
         if y is None or y_val is None:
             raise ValueError("MMSIModel needs labels for both batches.")
         for name, lab in (("y", y), ("y_val", y_val)):
-            shape = tf.convert_to_tensor(lab).shape
-            if shape.rank is not None and (
-                shape.rank > 2 or (shape.rank == 2 and shape[-1] != 1)
-            ):
-                raise ValueError(
-                    "MMSIModel takes integer class ids [batch] (its class "
-                    "dictionary keeps features per class); received "
-                    f"{name} of shape {shape} (multi-hot labels are not "
-                    "supported: use DMLModel with a pair loss)."
-                )
+            check_class_ids(
+                tf.convert_to_tensor(lab),
+                "MMSIModel's class dictionary",
+                name,
+                fix=": use DMLModel with a pair loss",
+            )
         base = self.base_loss
         tv, ntv = self._snapshot()
         replicas = self.distribute_strategy.num_replicas_in_sync
