@@ -151,13 +151,16 @@ def prepare(args, seed, work):
 def tfdml_encoder(shape):
     import keras
 
+    from tfdml.models import FusedBatchNormalization
     from tfdml.models import L2Normalization
 
     inputs = keras.Input(shape)
     x = inputs
     for i, w in enumerate(WIDTHS):
         x = keras.layers.Conv2D(w, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+        # Keras' BatchNorm on TF's fused kernel, as tfdml's own small_cnn
+        # (PyTorch's BatchNorm2d is fused too).
+        x = FusedBatchNormalization(momentum=0.9, epsilon=1e-5)(x)
         x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D(2)(x)
     x = keras.layers.GlobalAveragePooling2D()(x)

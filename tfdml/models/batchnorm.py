@@ -27,7 +27,148 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
+from tfdml import registry
 from tfdml.data.pipeline import without_autotune
+
+# cuDNN refuses a smaller epsilon (TF's fused_batch_norm wrapper raises any
+# smaller value to this one); the CPU kernel takes any epsilon.
+_CUDNN_MIN_EPSILON = 1.001e-5
+
+
+@registry.register
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` computed by TF's fused kernel.
+
+    Keras 3 computes BatchNorm with separate TensorFlow ops (``tf.nn.moments``
+    then ``tf.nn.batch_normalization``), forward and backward: about ten
+    passes over each activation where TF's ``FusedBatchNormV3`` kernel
+    (what ``tf.keras`` 2 used, and what PyTorch's BatchNorm is) makes two or
+    three. On a CPU training step of a small CNN (4 conv blocks, 64x64x1,
+    batch 128, 2 cores) the Keras layers cost ~30% of the step; this layer
+    removes most of it (``BENCHMARKS.md``).
+
+    Same weights, arguments, config and semantics as the Keras layer (a
+    subclass: ``isinstance(layer, keras.layers.BatchNormalization)`` holds,
+    :func:`recalibrate_batchnorm` and ``freeze_batchnorm_layers`` treat it
+    alike): training mode normalises with the batch mean and *biased*
+    variance and moves the moving statistics by ``momentum`` towards them
+    (the kernel returns the unbiased variance; it is converted back);
+    inference mode uses the moving statistics. Outputs and gradients equal
+    the Keras layer's within float32 rounding (tests).
+
+    The fused kernel runs for a 4-D input with the channel axis last, no
+    mask, ``renorm=False``, ``synchronized=False`` and the TensorFlow
+    backend (on a visible GPU only with ``epsilon >= 1.001e-5``, cuDNN's
+    floor); anything else takes the Keras code path unchanged.
+    """
+
+    def _fused_ok(self, inputs, mask):
+        if (
+            keras.backend.backend() != "tensorflow"
+            or mask is not None
+            or self.renorm
+            or self.synchronized
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+        ):
+            return False
+        if self.epsilon < _CUDNN_MIN_EPSILON and tf.config.list_logical_devices(
+            "GPU"
+        ):
+            return False
+        return True
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused_ok(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)
+        channels = x.shape[-1]
+        scale = (
+            tf.cast(self.gamma, tf.float32)
+            if self.scale
+            else tf.ones((channels,), tf.float32)
+        )
+        offset = (
+            tf.cast(self.beta, tf.float32)
+            if self.center
+            else tf.zeros((channels,), tf.float32)
+        )
+        moving_mean = tf.cast(self.moving_mean, tf.float32)
+        moving_variance = tf.cast(self.moving_variance, tf.float32)
+        if training and self.trainable:
+            empty = tf.zeros((0,), tf.float32)
+            y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=scale,
+                offset=offset,
+                mean=empty,
+                variance=empty,
+                epsilon=self.epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            # The kernel returns the variance times n / (n - 1) (n the
+            # values per channel, n - 1 floored at 1); Keras' moving
+            # variance follows the biased batch variance.
+            shape = tf.shape(x)
+            n = tf.cast(shape[0] * shape[1] * shape[2], tf.float32)
+            variance = unbiased * (tf.maximum(n - 1.0, 1.0) / n)
+            momentum = self.momentum
+            self.moving_mean.assign(
+                tf.cast(
+                    moving_mean * momentum + mean * (1.0 - momentum),
+                    self.moving_mean.dtype,
+                )
+            )
+            self.moving_variance.assign(
+                tf.cast(
+                    moving_variance * momentum + variance * (1.0 - momentum),
+                    self.moving_variance.dtype,
+                )
+            )
+        else:
+            y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=x,
+                scale=scale,
+                offset=offset,
+                mean=moving_mean,
+                variance=moving_variance,
+                epsilon=self.epsilon,
+                data_format="NHWC",
+                is_training=False,
+            )
+        return tf.cast(y, self.compute_dtype)
+
+
+def with_fused_batchnorm(model: keras.Model) -> keras.Model:
+    """A copy of a functional or Sequential ``model`` whose plain
+    ``keras.layers.BatchNormalization`` layers are
+    :class:`FusedBatchNormalization` (same config, names and weights; every
+    other layer cloned as Keras clones it). Returns ``model`` itself when it
+    has no such layer. Used by ``build_embedding_model`` for the
+    ``keras.applications`` backbones.
+    """
+    plain = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if type(layer) is keras.layers.BatchNormalization
+    ]
+    if not plain:
+        return model
+
+    def clone(layer):
+        if type(layer) is keras.layers.BatchNormalization:
+            return FusedBatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    for old, new in zip(
+        model._flatten_layers(include_self=False, recursive=True),
+        copy._flatten_layers(include_self=False, recursive=True),
+    ):
+        new.trainable = old.trainable
+    return copy
 
 
 def batchnorm_layers(

@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfdml import registry
+from tfdml.models.batchnorm import FusedBatchNormalization
+from tfdml.models.batchnorm import with_fused_batchnorm
 from tfdml.validation import check_choice
 from tfdml.validation import check_positive
 
@@ -207,7 +209,8 @@ def small_cnn(
     """A small conv net (Conv-BN-ReLU blocks) that trains on CPU.
 
     BatchNorm uses ``bn_momentum`` 0.9 and ``bn_epsilon`` 1e-5 (PyTorch's
-    defaults, what pytorch-metric-learning users run).
+    defaults, what pytorch-metric-learning users run), computed by TF's
+    fused kernel (:class:`tfdml.models.FusedBatchNormalization`).
 
     Returns a ``keras.Model`` ``[B, H, W, C] -> [B, h, w, filters[-1]]``.
     """
@@ -222,14 +225,14 @@ def small_cnn(
             use_bias=False,
             name=f"conv{i}",
         )(x)
-        x = keras.layers.BatchNormalization(
+        x = FusedBatchNormalization(
             momentum=bn_momentum, epsilon=bn_epsilon, name=f"bn{i}"
         )(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     x = keras.layers.Conv2D(
         filters[-1], 3, padding="same", use_bias=False, name="conv_out"
     )(x)
-    x = keras.layers.BatchNormalization(
+    x = FusedBatchNormalization(
         momentum=bn_momentum, epsilon=bn_epsilon, name="bn_out"
     )(x)
     x = keras.layers.ReLU(name="relu_out")(x)
@@ -311,6 +314,8 @@ def _build_backbone(backbone, weights, shape):
         input_shape=(shape[0], shape[1], 3),
         pooling=None,
     )
+    # Same weights, TF's fused BatchNorm kernel (tfdml.models.batchnorm).
+    net = with_fused_batchnorm(net)
     pre = BackbonePreprocessing(
         mode, to_rgb=channels == 1, name="backbone_preprocessing"
     )
