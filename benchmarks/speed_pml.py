@@ -217,7 +217,9 @@ def tfdml_losses(cfg, unit):
             memory = None
             if name == "xbm":
                 m = cfg["memory_size"]
-                memory = CrossBatchMemory(m, DIM)
+                # unit rows stored (as configs/xbm_*.yaml and the official
+                # code): the same loss, no per-step re-normalisation
+                memory = CrossBatchMemory(m, DIM, normalize=True)
                 memory.enqueue(
                     data["mem_emb"],
                     data["mem_lab"],

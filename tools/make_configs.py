@@ -262,6 +262,11 @@ _XBM_COMMENT = (
     "(docs/training_methods.md, XBM)"
 )
 
+_XBM_NORMALIZE_COMMENT = (
+    "store unit rows (the official code enqueues normalised features): the "
+    "same loss,\nwithout re-normalising the M stored rows at every step"
+)
+
 # method -> settings. title: the recipe comment (str.format with the
 # resolved config and {method}); recipe: a RECIPES key; datasets; the
 # method's sections (loss, miner, weighting, memory, augment, meta); model /
@@ -310,8 +315,12 @@ METHODS = {
             "start_after": Per(0, sop=1000),
             "memory_reduction": "avg_nonzero",
             "memory_weight": 1.0,
+            "normalize": True,
         },
-        "comments": {("memory", "memory_reduction"): _XBM_COMMENT},
+        "comments": {
+            ("memory", "memory_reduction"): _XBM_COMMENT,
+            ("memory", "normalize"): _XBM_NORMALIZE_COMMENT,
+        },
     },
     "iaa_contrastive": {
         "title": _IAA_TITLE,

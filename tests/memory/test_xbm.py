@@ -339,14 +339,21 @@ def xbm_loss(memory, loss, emb, labels, ids):
     )
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "unit"])
 @pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("weight", [1.0, 1.0 / 32])
 @pytest.mark.parametrize("reduction", ["sum", "avg_nonzero"])
-def test_memory_weight_and_reduction_match_numpy(reduction, weight, mode):
+def test_memory_weight_and_reduction_match_numpy(
+    reduction, weight, mode, normalize
+):
     from tfdml.losses import ContrastiveLoss
 
     memory = CrossBatchMemory(
-        30, 6, memory_weight=weight, memory_reduction=reduction
+        30,
+        6,
+        memory_weight=weight,
+        memory_reduction=reduction,
+        normalize=normalize,
     )
     emb0, labels, ids = xbm_fixture(memory)
     loss = ContrastiveLoss(
@@ -381,6 +388,121 @@ def test_memory_weight_and_reduction_match_numpy(reduction, weight, mode):
         emb0, labels, ids, m_emb, m_lab, m_ids, m_valid, 0.0, reduction
     )
     assert np.all(want - batch_only > 0) if weight else True
+
+
+# --- normalize=True: unit rows stored, not re-normalised per step ----------
+
+
+def test_normalized_memory_stores_unit_rows():
+    rng = np.random.default_rng(11)
+    memory = CrossBatchMemory(12, 5, normalize=True)
+    rows = [3.0 * rng.normal(size=(4, 5)).astype(np.float32) for _ in range(4)]
+    for k, x in enumerate(rows):
+        memory.enqueue(x, np.arange(4) + k, np.arange(4) + 4 * k)
+    want = unit(np.concatenate(rows[1:]).astype(np.float64))  # wrapped
+    got = memory.references()[0].numpy()
+    order = np.argsort(memory.references()[2].numpy())
+    np.testing.assert_allclose(got[order], want, rtol=1e-6, atol=1e-7)
+
+
+def normalised_shapes(monkeypatch):
+    from tfdml import ops
+
+    seen = []
+    real = ops.l2_normalize
+
+    def spy(x, axis=-1):
+        seen.append(tuple(x.shape))
+        return real(x, axis=axis)
+
+    monkeypatch.setattr(ops, "l2_normalize", spy)
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["sum", "avg_nonzero"])
+def test_normalized_memory_skips_renormalising_the_rows(monkeypatch, reduction):
+    from tfdml.losses import ContrastiveLoss
+
+    loss = ContrastiveLoss()
+    shapes = {}
+    for normalize in (False, True):
+        memory = CrossBatchMemory(
+            30, 6, memory_reduction=reduction, normalize=normalize
+        )
+        emb, labels, ids = xbm_fixture(memory)
+        seen = normalised_shapes(monkeypatch)
+        xbm_loss(memory, loss, emb, labels, ids)
+        shapes[normalize] = seen
+    # the guard can fail: the plain memory normalises its 30 rows
+    assert (30, 6) in shapes[False]
+    assert (30, 6) not in shapes[True] and (8, 6) in shapes[True]
+
+
+def _losses():
+    from tfdml.losses import ContrastiveLoss
+    from tfdml.losses import MultiSimilarityLoss
+    from tfdml.losses import TripletMarginLoss
+    from tfdml.mining import MultiSimilarityMiner
+
+    return {
+        "contrastive": ContrastiveLoss(),
+        "contrastive-similarity": ContrastiveLoss(form="similarity"),
+        "ms+miner": MultiSimilarityLoss(miner=MultiSimilarityMiner()),
+        "triplet": TripletMarginLoss(margin=0.2),
+    }
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("reduction", ["auto", "sum", "joint"])
+@pytest.mark.parametrize("name", list(_losses()))
+def test_normalized_memory_gives_the_same_loss(name, reduction, mode):
+    """Every pair loss that normalises: the same loss and gradient whether
+    the memory stores raw rows (the loss normalises them) or unit rows."""
+    out = []
+    for normalize in (False, True):
+        loss = _losses()[name]
+        memory = CrossBatchMemory(
+            30, 6, memory_reduction=reduction, normalize=normalize
+        )
+        emb, labels, ids = xbm_fixture(memory)
+        x = tf.Variable(3.0 * emb)
+
+        def step(memory=memory, loss=loss, x=x, labels=labels, ids=ids):
+            with tf.GradientTape() as tape:
+                per = xbm_loss(memory, loss, x, labels, ids)
+                total = tf.reduce_sum(per)
+            return per, tape.gradient(total, x)
+
+        if mode == "xla":
+            step = tf.function(step, jit_compile=True)
+        out.append([t.numpy() for t in step()])
+    assert np.all(np.isfinite(out[0][0])) and np.any(out[0][0] > 0)
+    for a, b in zip(out[0], out[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_memory_leaves_a_raw_loss_alone(monkeypatch):
+    from tfdml.losses import ContrastiveLoss
+
+    memory = CrossBatchMemory(30, 6, memory_reduction="sum", normalize=True)
+    emb, labels, ids = xbm_fixture(memory)
+    loss = ContrastiveLoss(form="similarity", normalize=False)
+    assert memory._raw_loss(loss) is None
+    seen = normalised_shapes(monkeypatch)
+    per = xbm_loss(memory, loss, 2.0 * emb, labels, ids).numpy()
+    assert seen == []
+    assert np.all(np.isfinite(per))
+
+
+def test_normalize_config_and_bad_value():
+    memory = CrossBatchMemory(16, 8, normalize=True)
+    clone = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(memory)
+    )
+    assert clone.normalize is True
+    assert "normalize" not in CrossBatchMemory(16, 8).get_config()
+    with pytest.raises(ValueError, match="normalize"):
+        CrossBatchMemory(16, 8, normalize="yes")
 
 
 def test_sum_at_weight_one_equals_the_joint_loss():

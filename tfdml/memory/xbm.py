@@ -96,6 +96,14 @@ class CrossBatchMemory(keras.layers.Layer):
         ``C > 1``: the memory stores multi-hot label rows ``[C]`` (0/1;
         relevance: the label sets intersect, :func:`tfdml.ops.relevance`)
         and takes only multi-hot ``[n, C]`` labels.
+      normalize: store L2-normalised rows (as the official XBM, which
+        enqueues normalised features). With a loss that normalises its
+        inputs (``normalize=True``, every tfdml pair loss's default) the
+        loss is unchanged (to float32 rounding) and the memory term no
+        longer re-normalises the ``M`` stored rows at every step: it
+        normalises the ``B`` anchors and runs the loss with
+        ``normalize=False`` on them and the stored unit rows (``"joint"``
+        reduction excepted). Default False (rows stored as given).
       **kwargs: passed to ``keras.layers.Layer`` (``name``).
 
     Variables (all non-trainable): ``embeddings [M, d]`` float32,
@@ -124,6 +132,7 @@ class CrossBatchMemory(keras.layers.Layer):
         memory_weight: float = 1.0,
         memory_reduction: str = "auto",
         multi_hot_classes: int | None = None,
+        normalize: bool = False,
         **kwargs,
     ):
         kwargs.pop("dtype", None)
@@ -147,7 +156,14 @@ class CrossBatchMemory(keras.layers.Layer):
                 "multi_hot_classes", multi_hot_classes, 2
             )
         self.multi_hot_classes = multi_hot_classes
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise ValueError(
+                "`normalize` must be True or False; received "
+                f"normalize={normalize!r}."
+            )
+        self.normalize = bool(normalize)
         self._term_losses = {}
+        self._raw_losses = {}
         self.embeddings = state_variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
@@ -328,8 +344,13 @@ class CrossBatchMemory(keras.layers.Layer):
             **_with_relevance(head_ctx, head(relevance, 1)),
         )
         term_loss = loss if mode == "sum" else self._averaged_loss(loss, True)
+        anchors = embeddings
+        raw = self._raw_loss(term_loss) if self.normalize else None
+        if raw is not None:
+            # Stored rows are unit already: normalise only the anchors.
+            term_loss, anchors = raw, ops.l2_normalize(embeddings)
         memory_term = term_loss.per_anchor(
-            embeddings,
+            anchors,
             labels,
             # The memory rows carry no gradient (references() stops it);
             # saying so here spares the backward pass the [M, d] matmul
@@ -345,6 +366,25 @@ class CrossBatchMemory(keras.layers.Layer):
             **_with_relevance(tail_ctx, tail(relevance, 1)),
         )
         return batch_term + self.memory_weight * memory_term
+
+    def _raw_loss(self, loss):
+        """``loss`` with ``normalize=False`` (cached) when ``loss``
+        normalises its inputs, else None."""
+        if getattr(loss, "normalize", False) is not True:
+            return None
+        cached = self._raw_losses.get(id(loss))
+        if cached is not None and cached[0] is loss:
+            return cached[1]
+        config = loss.get_config()
+        if config.get("normalize") is not True:
+            return None
+        config["normalize"] = False
+        try:
+            clone = type(loss).from_config(config)
+        except (TypeError, ValueError):
+            return None
+        self._raw_losses[id(loss)] = (loss, clone)
+        return clone
 
     def drift(
         self,
@@ -391,7 +431,8 @@ class CrossBatchMemory(keras.layers.Layer):
         global batch (see the module docstring).
 
         Args:
-          embeddings: ``[n, d]`` (cast to float32, gradient stopped).
+          embeddings: ``[n, d]`` (cast to float32, gradient stopped;
+            L2-normalised with ``normalize=True``).
           labels: ``[n]`` (or ``[n, 1]``) int class ids; with
             ``multi_hot_classes=C``: ``[n, C]`` multi-hot 0/1 (any numeric
             or bool dtype; non-zero counts as 1).
@@ -412,6 +453,8 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"`embeddings` must have shape [n, {self.dim}]; received "
                 f"shape {emb.shape}."
             )
+        if self.normalize:
+            emb = ops.l2_normalize(emb)
         m = self.size
         n = emb.shape[0]
         if n is not None:
@@ -504,6 +547,8 @@ class CrossBatchMemory(keras.layers.Layer):
         )
         if self.multi_hot_classes is not None:
             config["multi_hot_classes"] = self.multi_hot_classes
+        if self.normalize:
+            config["normalize"] = True
         return config
 
 
