@@ -78,7 +78,12 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
             return False
         return True
 
-    def call(self, inputs, training=None, mask=None):
+    def call(
+        self,
+        inputs: tf.Tensor,
+        training: bool | None = None,
+        mask: tf.Tensor | None = None,
+    ) -> tf.Tensor:
         if not self._fused_ok(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
         x = tf.cast(inputs, tf.float32)
