@@ -162,8 +162,7 @@ class CrossBatchMemory(keras.layers.Layer):
                 f"normalize={normalize!r}."
             )
         self.normalize = bool(normalize)
-        self._term_losses = {}
-        self._raw_losses = {}
+        self._variants = {}  # (id(loss), config key) -> (loss, variant)
         self.embeddings = state_variable(
             "embeddings", np.zeros((self.size, self.dim), np.float32)
         )
@@ -225,30 +224,36 @@ class CrossBatchMemory(keras.layers.Layer):
     def _averaged_loss(self, loss, strict):
         """``loss`` with ``pair_reduction="avg_nonzero"`` (cached), or None
         (``strict=False``) when the loss has no such reduction."""
-        cached = self._term_losses.get(id(loss))
+        clone = self._loss_with(loss, "pair_reduction", "avg_nonzero")
+        if clone is None and strict:
+            raise ValueError(
+                "memory_reduction='avg_nonzero' needs a pair loss whose "
+                "`pair_reduction` accepts 'avg_nonzero' (ContrastiveLoss, "
+                f"TripletMarginLoss); {type(loss).__name__} has none. Use "
+                "memory_reduction='sum' (official XBM: loss(batch) + "
+                "memory_weight * loss(memory)) or 'joint'."
+            )
+        return clone
+
+    def _loss_with(self, loss, key, value):
+        """``loss`` with its config's ``key`` set to ``value`` (``loss``
+        itself when it has that value already; cached per loss and key), or
+        None when the config has no ``key`` or the loss does not rebuild
+        with it."""
+        cached = self._variants.get((id(loss), key))
         if cached is not None and cached[0] is loss:
             return cached[1]
         config = loss.get_config()
-        clone = None
-        if config.get("pair_reduction") == "avg_nonzero":
-            clone = loss
-        elif "pair_reduction" in config:
-            config["pair_reduction"] = "avg_nonzero"
+        if key not in config:
+            return None
+        clone = loss
+        if config[key] != value:
+            config[key] = value
             try:
                 clone = type(loss).from_config(config)
             except (TypeError, ValueError):
-                clone = None
-        if clone is None:
-            if strict:
-                raise ValueError(
-                    "memory_reduction='avg_nonzero' needs a pair loss whose "
-                    "`pair_reduction` accepts 'avg_nonzero' (ContrastiveLoss, "
-                    f"TripletMarginLoss); {type(loss).__name__} has none. Use "
-                    "memory_reduction='sum' (official XBM: loss(batch) + "
-                    "memory_weight * loss(memory)) or 'joint'."
-                )
-            return None
-        self._term_losses[id(loss)] = (loss, clone)
+                return None
+        self._variants[(id(loss), key)] = (loss, clone)
         return clone
 
     def per_anchor(
@@ -372,19 +377,8 @@ class CrossBatchMemory(keras.layers.Layer):
         normalises its inputs, else None."""
         if getattr(loss, "normalize", False) is not True:
             return None
-        cached = self._raw_losses.get(id(loss))
-        if cached is not None and cached[0] is loss:
-            return cached[1]
-        config = loss.get_config()
-        if config.get("normalize") is not True:
-            return None
-        config["normalize"] = False
-        try:
-            clone = type(loss).from_config(config)
-        except (TypeError, ValueError):
-            return None
-        self._raw_losses[id(loss)] = (loss, clone)
-        return clone
+        clone = self._loss_with(loss, "normalize", False)
+        return None if clone is loss else clone
 
     def drift(
         self,
