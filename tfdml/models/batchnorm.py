@@ -100,18 +100,21 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         )
         moving_mean = tf.cast(self.moving_mean, tf.float32)
         moving_variance = tf.cast(self.moving_variance, tf.float32)
-        if training and self.trainable:
-            empty = tf.zeros((0,), tf.float32)
-            y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=scale,
-                offset=offset,
-                mean=empty,
-                variance=empty,
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=True,
-            )
+        training = bool(training and self.trainable)
+        # Training mode: batch statistics (the kernel takes empty means);
+        # inference mode: the moving ones.
+        empty = tf.zeros((0,), tf.float32)
+        y, mean, unbiased, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=scale,
+            offset=offset,
+            mean=empty if training else moving_mean,
+            variance=empty if training else moving_variance,
+            epsilon=self.epsilon,
+            data_format="NHWC",
+            is_training=training,
+        )
+        if training:
             # The kernel returns the variance times n / (n - 1) (n the
             # values per channel, n - 1 floored at 1); Keras' moving
             # variance follows the biased batch variance.
@@ -130,17 +133,6 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
                     moving_variance * momentum + variance * (1.0 - momentum),
                     self.moving_variance.dtype,
                 )
-            )
-        else:
-            y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x,
-                scale=scale,
-                offset=offset,
-                mean=moving_mean,
-                variance=moving_variance,
-                epsilon=self.epsilon,
-                data_format="NHWC",
-                is_training=False,
             )
         return tf.cast(y, self.compute_dtype)
 
