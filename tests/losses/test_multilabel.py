@@ -87,6 +87,37 @@ def spy(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_float_pair_masks_equal_the_bool_ones(jit):
+    """``pair_masks(dtype=tf.float32)`` (the fused contrastive forward's
+    masks): 0/1 floats equal to the bool masks, for multi-hot labels with
+    an empty row, ids shared with a reference, an invalid reference, int
+    labels without a reference set, eager and XLA."""
+    _, y = multi_hot_batch(1)
+    _, ry = multi_hot_batch(2, n=9)
+    ids = np.arange(12)
+    ref_ids = np.arange(100, 109)
+    ref_ids[3] = 4
+    valid = np.ones(9, bool)
+    valid[5] = False
+    ints = np.array([0, 0, 1, 1, 2, 2, 0, 3])
+    cases = [
+        (y, ry, ids, ref_ids, valid),
+        (y, None, None, None, None),
+        (ints, None, None, None, None),
+        (ints, ints[::-1], np.arange(8), np.arange(8)[::-1], valid[:8]),
+    ]
+    for args in cases:
+        fn = tf.function(
+            lambda *a: ops.pair_masks(*a, dtype=tf.float32), jit_compile=jit
+        )
+        want = brute_masks(*args)
+        got = fn(*[tf.constant(a) if a is not None else None for a in args])
+        for g, w in zip(got, want):
+            assert g.dtype == tf.float32
+            np.testing.assert_array_equal(g.numpy(), w.astype(np.float32))
+
+
 def test_pair_masks_and_relevance_vs_brute_force():
     _, y = multi_hot_batch(1)
     _, ry = multi_hot_batch(2, n=9)
