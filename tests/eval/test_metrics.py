@@ -348,15 +348,32 @@ def _top_cases():
     yield (x, np.array([0, 0, 0, 1, 2, 3, 1, 1, 4, 5, 6, 6])), {}, {}
 
 
-@pytest.mark.parametrize("group", [1, 2, 3, 16])
+@pytest.mark.parametrize(
+    "group,chunk",
+    [
+        (1, None),
+        (2, None),
+        (3, None),
+        (16, None),
+        (2, 1),
+        (3, 7),
+        (16, 40),
+        (2, 24),
+        (3, 60),
+    ],
+)
 @pytest.mark.parametrize("block", [1024, 5])
-def test_top_path_matches_reference(monkeypatch, group, block):
+def test_top_path_matches_reference(monkeypatch, group, chunk, block):
     # group > 1: the grouped selection (every case large enough for it);
     # the dyadic cases hold many exact ties across group boundaries.
+    # chunk: references scored in chunks of that many (rounded down to a
+    # multiple of the group, at least one group), each keeping its own best
+    # groups (one group per chunk with (2, 1)).
     from tfdml.eval import metrics as m
 
     monkeypatch.setattr(m, "_TOPK_GROUP", group)
     monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    monkeypatch.setattr(m, "_REF_CHUNK", chunk)
     for args, common, extra in _top_cases():
         want = reference(*args, **common, **extra)
         got = retrieval_metrics(
@@ -364,6 +381,77 @@ def test_top_path_matches_reference(monkeypatch, group, block):
         )
         want = {k: v for k, v in want.items() if k not in ("map", "mrr")}
         assert_same(got, want)
+
+
+@pytest.mark.parametrize("group,chunk", [(2, 40), (4, 64), (3, 33)])
+def test_top_path_chunks_keep_the_rows_best_groups(monkeypatch, group, chunk):
+    # Many references, small R: every chunk has more groups than the k + 1
+    # it keeps, so each chunk's selection and the choice among the kept
+    # groups both run (and the kept groups' ids must be global). The dyadic
+    # set ties exactly across chunk boundaries; the query subset is scored
+    # against all references (query != reference positions).
+    from tfdml.eval import metrics as m
+
+    monkeypatch.setattr(m, "_TOPK_GROUP", group)
+    monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    monkeypatch.setattr(m, "_REF_CHUNK", chunk)
+    x, y = clustered(21, 301, 60, 8, noise=0.8)
+    rng = np.random.default_rng(5)
+    d = rng.integers(-1, 2, size=(301, 3)).astype(np.float32)
+    d[np.abs(d).sum(1) == 0] = [0, 1, 0]
+    dl = rng.integers(0, 50, 301)
+    pick = np.array([0, 5, 150, 299, 300, 77])
+    cases = [
+        ((x, y), {}, {}),
+        ((d, dl), dict(normalize=False), {}),
+        ((x[pick], y[pick], x, y), {}, dict(query_ids=pick)),
+        ((d[pick], dl[pick], d[::-1].copy(), dl[::-1].copy()), {}, {}),
+    ]
+    for args, common, extra in cases:
+        want = reference(*args, **common, **extra)
+        got = retrieval_metrics(*args, **common, **extra, metrics=TOP)
+        assert_same(got, {k: v for k, v in want.items() if k in got})
+
+
+def test_top_path_chunk_order_and_full_chunk(monkeypatch):
+    # Hand-built, groups of 2, chunks of 12 references (6 groups, 4 kept).
+    # 1) An exact tie at rank R = 3: reference 1 (relevant, group 0) and 5
+    # (not, group 2, whose maximum is larger): the lower index ranks first
+    # only if each chunk keeps its groups in index order (r_precision 2/3;
+    # 1/3 with group 2 first).
+    # 2) The top k all in one chunk, one per group: the chunk must keep
+    # k + 1 groups, not fewer.
+    from tfdml.eval import metrics as m
+
+    monkeypatch.setattr(m, "_TOPK_GROUP", 2)
+    monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    monkeypatch.setattr(m, "_REF_CHUNK", 12)
+    s = np.full(24, -0.5)
+    s[6:] -= 0.01 * np.arange(18)
+    s[[0, 1, 2, 3, 4, 5, 10]] = [0.1, 0.5, 0.9, 0.1, 0.8, 0.5, -0.9]
+    rl = np.full(24, 2)
+    rl[[1, 4, 10]] = 1
+    r = np.stack([s, np.zeros(24)], 1).astype(np.float32)
+    q = np.array([[1.0, 0.0]], np.float32)
+    got = retrieval_metrics(
+        q, [1], r, rl, normalize=False, metrics=("r_precision",)
+    )
+    assert got["r_precision"] == pytest.approx(2 / 3)
+    want = reference(q, [1], r, rl, normalize=False)
+    assert want["r_precision"] == pytest.approx(2 / 3)
+
+    # 48 references; the 8 relevant ones at 0, 2, ..., 14 (8 groups of
+    # chunk 0) score highest: R = 8, so chunk 0 must keep 9 of its groups.
+    monkeypatch.setattr(m, "_REF_CHUNK", 24)
+    s = -0.5 - 0.001 * np.arange(48)
+    s[0:16:2] = 1.0 - 0.01 * np.arange(8)
+    rl = np.full(48, 2)
+    rl[0:16:2] = 1
+    r = np.stack([s, np.zeros(48)], 1).astype(np.float32)
+    got = retrieval_metrics(
+        q, [1], r, rl, normalize=False, metrics=("r_precision", "map@r")
+    )
+    assert got["r_precision"] == 1.0 and got["map@r"] == 1.0
 
 
 def test_top_path_is_used_and_agrees_with_the_rank_path(monkeypatch):
@@ -412,7 +500,8 @@ def test_metrics_names():
         retrieval_metrics(x, y, metrics=[])
 
 
-def test_top_path_padding_group_takes_no_needed_slot(monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 12, 21])
+def test_top_path_padding_group_takes_no_needed_slot(monkeypatch, chunk):
     # 40 references in groups of 3: the last group is 1 reference and 2
     # padding rows, which score 0 and beat every (negative) real score. The
     # top 5 lie in 5 different groups, so the padding group must not take
@@ -421,6 +510,7 @@ def test_top_path_padding_group_takes_no_needed_slot(monkeypatch):
 
     monkeypatch.setattr(m, "_TOPK_GROUP", 3)
     monkeypatch.setattr(m, "_TOPK_MIN_RATIO", 1)
+    monkeypatch.setattr(m, "_REF_CHUNK", chunk)
     i = np.arange(40)
     score = np.where(i % 3 == 0, -1.0 - 0.001 * i, -5.0)
     r = np.stack([score, np.zeros(40)], 1).astype(np.float32)

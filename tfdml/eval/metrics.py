@@ -47,9 +47,11 @@ first ``k = max(R_max, K_max)`` references, so the exact top k (same tie
 rule) is enough: per block of queries the scores against all references are
 cut into groups of 16 consecutive references, the ``k + 1`` groups with the
 largest maxima are kept (they hold the top k) and only their scores are
-ranked. Cost: the matrix product, one max pass and a top-k over ``N / 16``
-columns; no compilation. Memory ``O(query_block * N)`` (bounded to 2**25
-scores per block).
+ranked. The references are scored in chunks (a block of 1,024 queries
+against 65,536 references at a time: 2**26 scores, 256 MB); each chunk keeps
+its own ``k + 1`` best groups and the row's best are chosen among the kept
+ones. Cost: the matrix product, one max pass and a top-k over ``N / 16``
+columns; no compilation. Memory ``O(query_block * min(N, chunk))``.
 """
 
 from __future__ import annotations
@@ -507,6 +509,19 @@ _SCORE_BUDGET = 1 << 25
 # References per group of the selection (see :func:`_topk_block`).
 _TOPK_GROUP = 16
 
+# Scores per chunk of the top-R path's grouped selection (a query block of
+# 1,024 rows against 65,536 references). Larger query blocks keep the
+# product near this CPU's sgemm speed; chunking the references bounds the
+# memory. Measured at 200k references (AVX-512 EPYC, 2 threads, in-process,
+# s for the whole set): 167-row blocks without chunks (the 2**25 bound)
+# 84.7; 1,024 rows x 32,768 references 75.9; x 65,536 72.5; unchunked
+# (800 MB per block) 67.7.
+_TOPK_SCORE_BUDGET = 1 << 26
+
+# References per scored chunk of the top-R path (None: the budget above
+# divided by the query block; a test knob).
+_REF_CHUNK = None
+
 # Groups are used when there are at least ratio * (k + 1) of them (else a
 # plain top-k over the row: small sets, or k a large part of N).
 _TOPK_MIN_RATIO = 4
@@ -553,8 +568,31 @@ def _resolve_metrics(metrics, ks):
     return (rk or ks), order
 
 
+def _group_candidates(s, c0, kk, group):
+    """The ``kk + 1`` groups with the largest maxima of a score chunk ``s``
+    (``[B, C]``, ``C`` a multiple of ``group``; all of its groups when it has
+    fewer), in index order: their maxima ``[B, g]``, their scores
+    ``[B, g, group]`` and their global group ids ``[B, g]`` (``c0`` is the
+    chunk's first reference)."""
+    b = tf.shape(s)[0]
+    ng = s.shape[1] // group
+    grouped = tf.reshape(s, [b, ng, group])
+    maxima = tf.reduce_max(grouped, axis=2)
+    first = c0 // group
+    if kk + 1 >= ng:
+        ids = tf.broadcast_to(tf.range(first, first + ng)[None, :], [b, ng])
+        return maxima, grouped, ids
+    _, chosen = tf.math.top_k(maxima, k=kk + 1)
+    chosen = tf.sort(chosen, axis=1)
+    return (
+        tf.gather(maxima, chosen, batch_dims=1),
+        tf.gather(grouped, chosen, batch_dims=1),
+        chosen + first,
+    )
+
+
 @tf.function(reduce_retracing=True, autograph=False)
-def _topk_block(q, refs, n, kk, group):
+def _topk_block(q, refs, n, kk, group, bounds):
     """Top ``kk`` of the first ``n`` references for each query, ordered by
     (score desc, index asc).
 
@@ -567,19 +605,48 @@ def _topk_block(q, refs, n, kk, group):
     replace a top-k over ``N``. The groups are gathered in index order and
     ``tf.math.top_k`` is stable, so equal scores keep the lower reference
     index first.
+
+    ``bounds`` (Python ints, multiples of ``group``): the references are
+    scored in chunks ``refs[bounds[i]:bounds[i + 1]]``, one after the
+    other, so a block holds ``B x chunk`` scores however many references
+    there are (the product runs at full speed only with a few hundred query
+    rows or more: 1.9 ns per score with 167 rows, 1.5 with 1,024, measured
+    at 200k references). Each chunk keeps its own ``kk + 1`` best groups
+    (a superset of the row's best groups that fall in it, same order) and
+    the row's ``kk + 1`` best are chosen among the kept ones.
     """
-    s = tf.matmul(q, refs, transpose_b=True)  # [B, N (padded)]
     if group <= 1:
+        s = tf.matmul(q, refs, transpose_b=True)  # [B, N]
         return tf.math.top_k(s, k=kk).indices
-    b = tf.shape(s)[0]
-    grouped = tf.reshape(s, [b, -1, group])
-    maxima = tf.reduce_max(grouped, axis=2)
-    _, chosen = tf.math.top_k(maxima, k=kk + 1)
-    chosen = tf.sort(chosen, axis=1)
-    cols = chosen[:, :, None] * group + tf.range(group)[None, None, :]
+    b = tf.shape(q)[0]
+    maxima, grouped, ids = [], [], []
+    deps = []
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        # One chunk's scores at a time: the next product waits for this
+        # chunk's selection (else the executor may hold several at once).
+        with tf.control_dependencies(deps):
+            s = tf.matmul(q, refs[c0:c1], transpose_b=True)
+        m, g, i = _group_candidates(s, c0, kk, group)
+        maxima.append(m)
+        grouped.append(g)
+        ids.append(i)
+        deps = [m, g]
+    if len(maxima) == 1:
+        maxima, grouped, ids = maxima[0], grouped[0], ids[0]
+    else:
+        maxima = tf.concat(maxima, 1)
+        grouped = tf.concat(grouped, 1)
+        ids = tf.concat(ids, 1)
+    kept = maxima.shape[1]
+    if kept is None or kk + 1 < kept:
+        _, pos = tf.math.top_k(maxima, k=kk + 1)
+        pos = tf.sort(pos, axis=1)
+        ids = tf.gather(ids, pos, batch_dims=1)
+        grouped = tf.gather(grouped, pos, batch_dims=1)
+    cols = ids[:, :, None] * group + tf.range(group)[None, None, :]
     cols = tf.reshape(cols, [b, -1])
     # Whole groups (``group`` contiguous scores each), not single scores.
-    vals = tf.reshape(tf.gather(grouped, chosen, batch_dims=1), [b, -1])
+    vals = tf.reshape(grouped, [b, -1])
     vals = tf.where(cols < n, vals, -np.inf)
     pos = tf.math.top_k(vals, k=kk).indices
     return tf.gather(cols, pos, batch_dims=1)
@@ -597,9 +664,18 @@ def _topk_neighbors(q, r, self_idx, k, block_size):
         r = np.concatenate(
             [r, np.zeros((group - n % group, r.shape[1]), r.dtype)]
         )
-    bq = max(1, min(int(block_size), _SCORE_BUDGET // max(len(r), 1)))
-    bq = min(bq, len(q))
     nq = len(q)
+    if group > 1:
+        # Query blocks of ``block_size`` rows, references in chunks that
+        # keep a block's scores within the budget.
+        bq = max(1, min(int(block_size), nq))
+        chunk = _REF_CHUNK or _TOPK_SCORE_BUDGET // bq
+        chunk = max(group, chunk // group * group)
+        bounds = tuple(range(0, len(r), chunk)) + (len(r),)
+    else:
+        bq = max(1, min(int(block_size), _SCORE_BUDGET // max(len(r), 1)))
+        bq = min(bq, nq)
+        bounds = (0, len(r))
     if nq % bq:
         # Every block has bq rows: one trace per process, not a second one
         # for a shorter last block (the zero rows' results are dropped).
@@ -611,8 +687,9 @@ def _topk_neighbors(q, r, self_idx, k, block_size):
             tf.constant(q[b0 : b0 + bq]),
             refs,
             tf.constant(n),
-            tf.constant(kk),
+            kk,
             group,
+            bounds,
         )
         out[b0 : b0 + bq] = cols.numpy()
     out = out[:nq]
