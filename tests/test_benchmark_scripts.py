@@ -157,3 +157,41 @@ def test_scripts_import_the_shared_module():
     x2, y2 = common.pk_images(8, 2, 3)
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(y, y2)
+
+
+def test_conv_floor_kernels_and_table():
+    """conv_floor.py times the side-by-side CNN's convolutions (the same
+    layer shapes as vs_pml's CNN; no input gradient for the first layer)
+    and its table sums one step's kernels per round."""
+    cf = _load("conv_floor")
+    vs = _load("vs_pml")
+    assert cf.WIDTHS == vs.WIDTHS
+    assert cf.layers() == [
+        (64, 1, 32),
+        (32, 32, 64),
+        (16, 64, 128),
+        (8, 128, 256),
+    ]
+    assert cf.gflop(128, 32, 32, 64) == pytest.approx(4.831838208)
+    res = cf.tf_kernels(batch=2, repeats=1)
+    ms = res["ms"]
+    assert set(ms[0]) == {"forward", "filter grad"}
+    assert all(set(ms[i]) == set(cf.KERNELS) for i in (1, 2, 3))
+    assert all(v > 0 for layer in ms.values() for v in layer.values())
+    # 11 kernels; tf at 1 ms and torch at 2 ms each, two rounds
+    fake = {
+        i: {k: 1.0 for k in cf.KERNELS if i or k != "input grad"}
+        for i in range(4)
+    }
+    slow = {i: {k: 2 * v for k, v in d.items()} for i, d in fake.items()}
+    text = cf.table(
+        {"tf": [{"ms": fake}] * 2, "torch": [{"ms": slow}] * 2}, batch=128
+    )
+    rows = text.splitlines()
+    assert len(rows) == 2 + 11 + 1
+    assert rows[-1] == (
+        "| all | one step's kernels | | 11.0 | 22.0 | 0.50 / 0.50 |"
+    )
+    assert "| 2: 32x32, 32->64 | input grad | 4.83 | 1.0 (4832) |" in text
+    # TensorFlow alone: no ratio column
+    assert "ratio" not in cf.table({"tf": [{"ms": fake}], "torch": []}, 128)
