@@ -28,6 +28,14 @@ import time
 
 import numpy as np
 
+try:  # the PyTorch worker runs in the peer's venv, which has no tfdml
+    from tfdml._cpu import enable_onednn
+except ImportError:
+    pass
+else:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
+
 SIZE = 64
 WIDTHS = (32, 64, 128, 256)  # as vs_pml.WIDTHS
 KERNELS = ("forward", "filter grad", "input grad")
@@ -58,11 +66,6 @@ def _median_ms(fn, repeats):
 
 
 def tf_kernels(batch, repeats):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-    from tfdml._cpu import enable_onednn
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    enable_onednn()
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
