@@ -55,6 +55,10 @@ def gflop(batch, h, c_in, c_out):
 
 
 def _median_ms(fn, repeats):
+    """Median ms of ``fn()`` after two warm-up calls. Not _common's
+    ``timed_calls``: that fetches outputs (``.numpy()``), which made TF's
+    layer-1 forward (a 67 MB output) 17.6 ms instead of 6.5 (BENCHMARKS.md,
+    fifth AVX-512 part)."""
     fn()
     fn()
     times = []
@@ -181,6 +185,12 @@ def _run(python, fw, args, path):
     return res
 
 
+def _ratio_cell(per):
+    """`` a / b / c |``: the per-round ratios tf / torch of ``per``."""
+    pairs = zip(per["tf"], per["torch"])
+    return " " + " / ".join(f"{a / b:.2f}" for a, b in pairs) + " |"
+
+
 def table(rounds, batch):
     """Markdown rows: per layer and kernel, the median ms (and GFLOP/s) of
     each framework over the rounds, and the per-round ratios."""
@@ -209,25 +219,13 @@ def table(rounds, batch):
                 med = float(np.median(per[fw]))
                 row += f" {med:.1f} ({g / med * 1e3:.0f}) |"
             if len(fws) == 2:
-                row += (
-                    " "
-                    + " / ".join(
-                        f"{a / b:.2f}" for a, b in zip(per["tf"], per["torch"])
-                    )
-                    + " |"
-                )
+                row += _ratio_cell(per)
             rows.append(row)
     row = "| all | one step's kernels | |"
     for fw in fws:
         row += f" {float(np.median(totals[fw])):.1f} |"
     if len(fws) == 2:
-        row += (
-            " "
-            + " / ".join(
-                f"{a / b:.2f}" for a, b in zip(totals["tf"], totals["torch"])
-            )
-            + " |"
-        )
+        row += _ratio_cell(totals)
     rows.append(row)
     return "\n".join(rows)
 
