@@ -36,8 +36,10 @@ else:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     enable_onednn()  # before TensorFlow is imported: tfdml/_cpu.py
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_pml import WIDTHS  # noqa: E402  (the side-by-side CNN's widths)
+
 SIZE = 64
-WIDTHS = (32, 64, 128, 256)  # as vs_pml.WIDTHS
 KERNELS = ("forward", "filter grad", "input grad")
 
 
